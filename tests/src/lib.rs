@@ -1,1 +1,294 @@
+//! Test harness: real `geo-sidecar` processes, real `git`, loopback HTTP.
+//!
+//! The binary comes from the same target directory as the test (built by
+//! `cargo test --workspace`, which builds every binary before running tests).
 
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test executable.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test --workspace` (or `cargo build -p geo-sidecar`) first",
+        bin.display()
+    );
+    bin
+}
+
+pub fn sidecar_bin() -> PathBuf {
+    workspace_bin("geo-sidecar")
+}
+
+/// A free loopback port (bound then released; good enough for tests on one machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Async variant of [`wait_until`].
+pub async fn wait_until_async<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A generated site key: private key file (0600) and public key.
+pub struct SiteKey {
+    pub kid: String,
+    pub file: PathBuf,
+    pub public: String,
+}
+
+/// Writes a new key pair for `site` into `dir` (kid `<site>.1`).
+pub fn site_key(dir: &Path, site: &str) -> SiteKey {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let k = geoforge_crds::auth::generate_key();
+    let file = dir.join(format!("{site}.key"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&file)
+        .unwrap();
+    f.write_all(k.private_pem.as_bytes()).unwrap();
+    SiteKey {
+        kid: format!("{site}.1"),
+        file,
+        public: k.public_key,
+    }
+}
+
+/// A running sidecar; killed on drop. Its stderr goes to `<dir>/<name>.log`.
+pub struct Sidecar {
+    pub name: String,
+    pub child: Option<Child>,
+    pub service: u16,
+    pub admin: u16,
+    pub config_file: PathBuf,
+    pub log_file: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts `geo-sidecar --config <file>` with the given config YAML (listen addresses are
+    /// appended by this function: do not set `listen` in `yaml`) and waits until the admin
+    /// port answers `/-/health`.
+    pub fn start(dir: &Path, name: &str, yaml: &str) -> Sidecar {
+        let service = free_port();
+        let admin = free_port();
+        Self::start_on(dir, name, yaml, service, admin)
+    }
+
+    /// Like [`Sidecar::start`] on given ports (restarts reuse the ports).
+    pub fn start_on(dir: &Path, name: &str, yaml: &str, service: u16, admin: u16) -> Sidecar {
+        let config_file = dir.join(format!("{name}.yaml"));
+        let text = format!(
+            "{yaml}\nlisten: {{ service: \"127.0.0.1:{service}\", admin: \"127.0.0.1:{admin}\" }}\n"
+        );
+        std::fs::write(&config_file, text).unwrap();
+        let log_file = dir.join(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)
+            .unwrap();
+        let child = Command::new(sidecar_bin())
+            .arg("--config")
+            .arg(&config_file)
+            .env(
+                "GEO_LOG",
+                std::env::var("GEO_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn geo-sidecar");
+        let mut s = Sidecar {
+            name: name.into(),
+            child: Some(child),
+            service,
+            admin,
+            config_file,
+            log_file,
+        };
+        s.wait_healthy(Duration::from_secs(20));
+        s
+    }
+
+    fn wait_healthy(&mut self, timeout: Duration) {
+        let admin = self.admin;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "{} exited with {status} during start-up:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if http_get_status(&format!("127.0.0.1:{admin}"), "/-/health") == Some(200) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} not healthy after {timeout:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.service)
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_file).unwrap_or_default()
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for exit (bounded); returns the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        unsafe_kill(c.id() as i32, 15);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "{} did not exit within {timeout:?} after SIGTERM",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn unsafe_kill(pid: i32, sig: i32) {
+    // No libc dependency: use the kill(1) command.
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Minimal blocking HTTP/1.1 GET returning the status code (for health polling).
+pub fn http_get_status(addr: &str, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_millis(500))
+            .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).ok()?;
+    let line = std::str::from_utf8(&buf[..n]).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Runs `git` with a clean, deterministic environment; panics with its output on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = git_cmd(dir).args(args).output().expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed in {}:\n{}{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// A `git` command with test identity and no user config.
+pub fn git_cmd(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com");
+    c
+}
+
+/// Creates a bare repository at `path` with `commits` commits on `main`.
+pub fn make_bare_repo(path: &Path, commits: usize) {
+    let work = tempfile::tempdir().unwrap();
+    git(work.path(), &["init", "-q", "-b", "main"]);
+    for i in 0..commits {
+        std::fs::write(work.path().join("file.txt"), format!("content {i}\n")).unwrap();
+        git(work.path(), &["add", "file.txt"]);
+        git(work.path(), &["commit", "-q", "-m", &format!("commit {i}")]);
+    }
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    git(
+        work.path(),
+        &["clone", "-q", "--bare", ".", path.to_str().unwrap()],
+    );
+}
