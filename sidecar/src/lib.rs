@@ -12,6 +12,7 @@
 //! - [`secondary`]: registry, replication workers, verification, status reports
 //! - shared helpers: [`items`] (item ids and URL mapping), [`checksum`], [`metrics`], [`http_util`], [`git`]
 
+pub mod accel;
 pub mod app;
 pub mod checksum;
 pub mod context;

@@ -1,0 +1,366 @@
+//! Header hygiene on the request path (DESIGN §2, §3): ingress stripping, hop-by-hop removal,
+//! the forwarding headers, and the response rewrites of separate-URL setups.
+
+use geoforge_crds::auth::{PROXY_EXTRA_DATA_HEADER, PROXY_HEADER};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the legacy
+/// `Proxy-Connection` and `Keep-Alive`.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// The forwarding headers a client may only set through a trusted proxy.
+const FORWARDING: [&str; 5] = [
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "forwarded",
+];
+
+/// Whether `name` is one of the Geo proxy headers (`Gitlab-Workhorse-Geo-Proxy*`).
+pub fn is_geo_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with(PROXY_HEADER)
+}
+
+/// Removes every `Gitlab-Workhorse-Geo-Proxy*` header.
+pub fn strip_geo_headers(h: &mut HeaderMap) {
+    let names: Vec<HeaderName> = h.keys().filter(|n| is_geo_header(n)).cloned().collect();
+    for n in names {
+        h.remove(n);
+    }
+}
+
+/// Removes `X-Forwarded-*` and `Forwarded`.
+pub fn strip_forwarding(h: &mut HeaderMap) {
+    for n in FORWARDING {
+        h.remove(n);
+    }
+}
+
+/// The extra-data header value (`<kid>:<JWT>`), if exactly one was sent.
+pub fn extra_data(h: &HeaderMap) -> Option<&str> {
+    let mut it = h.get_all(PROXY_EXTRA_DATA_HEADER).iter();
+    let first = it.next()?;
+    if it.next().is_some() {
+        return None;
+    }
+    first.to_str().ok()
+}
+
+/// Parsed `trustedProxies`.
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    /// Parses CIDRs (a bare address means that one host).
+    pub fn parse(list: &[String]) -> Result<TrustedProxies, String> {
+        let mut out = vec![];
+        for s in list {
+            let net = s
+                .parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("trustedProxies: {s:?} is not a CIDR or address"))?;
+            out.push(net);
+        }
+        Ok(TrustedProxies(out))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// The client address behind a trusted proxy: walk `X-Forwarded-For` from the right and take
+/// the first address that is not itself a trusted proxy (nginx `real_ip_recursive`).
+pub fn client_behind_trusted(h: &HeaderMap, trusted: &TrustedProxies) -> Option<IpAddr> {
+    let all: Vec<IpAddr> = forwarded_for(h);
+    all.iter()
+        .rev()
+        .find(|ip| !trusted.contains(**ip))
+        .or(all.first())
+        .copied()
+}
+
+/// The last `X-Forwarded-For` address (what a verified secondary saw as its peer).
+pub fn last_forwarded_for(h: &HeaderMap) -> Option<IpAddr> {
+    forwarded_for(h).last().copied()
+}
+
+fn forwarded_for(h: &HeaderMap) -> Vec<IpAddr> {
+    h.get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse::<IpAddr>().ok())
+        .map(canonical)
+        .collect()
+}
+
+/// Removes hop-by-hop headers, including those named in `Connection`.
+pub fn remove_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// The `Upgrade` protocol of a request that asks to switch protocols (e.g. `websocket`).
+pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
+    let conn_upgrade = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if conn_upgrade {
+        h.get(header::UPGRADE).cloned()
+    } else {
+        None
+    }
+}
+
+/// What the forwarding headers say about the original request.
+pub struct ForwardInfo<'a> {
+    /// The immediate peer of this hop.
+    pub peer: IpAddr,
+    /// The `Host` the client used.
+    pub host: Option<&'a str>,
+    /// `http` (this port does not terminate TLS) unless a trusted hop said otherwise.
+    pub proto: &'a str,
+}
+
+/// Appends this hop to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Host`/`-Proto`
+/// when no trusted hop set them already.
+pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
+    let peer = canonical(info.peer);
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
+        _ => peer.to_string(),
+    };
+    h.remove("x-forwarded-for");
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    if !h.contains_key("x-forwarded-host")
+        && let Some(host) = info.host
+        && let Ok(v) = HeaderValue::from_str(host)
+    {
+        h.insert("x-forwarded-host", v);
+    }
+    if !h.contains_key("x-forwarded-proto") {
+        h.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_str(info.proto).unwrap_or(HeaderValue::from_static("http")),
+        );
+    }
+    let for_ = match peer {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(a) => format!("\"[{a}]\""),
+    };
+    let mut elem = format!("for={for_};proto={}", info.proto);
+    if let Some(host) = info.host
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    {
+        elem.push_str(&format!(";host=\"{host}\""));
+    }
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {elem}"),
+        _ => elem,
+    };
+    h.remove(header::FORWARDED);
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+/// Rewrites `Location`/`Refresh` values that point at one of `from` (URL prefixes such as the
+/// primary's internal and external URLs) to `to` (this site's external URL), and drops the
+/// `Domain` attribute of `Set-Cookie` so cookies stay on the host the client used.
+pub fn rewrite_response(h: &mut HeaderMap, from: &[String], to: &str) {
+    let to = to.trim_end_matches('/');
+    for name in [header::LOCATION, HeaderName::from_static("refresh")] {
+        let Some(v) = h.get(&name).and_then(|v| v.to_str().ok()) else {
+            continue;
+        };
+        if let Some(new) = rewrite_url_in(v, from, to)
+            && let Ok(nv) = HeaderValue::from_str(&new)
+        {
+            h.insert(name, nv);
+        }
+    }
+    let cookies: Vec<HeaderValue> = h.get_all(header::SET_COOKIE).iter().cloned().collect();
+    if cookies.is_empty() {
+        return;
+    }
+    h.remove(header::SET_COOKIE);
+    for c in cookies {
+        let new = match c.to_str() {
+            Ok(s) => {
+                let kept: Vec<&str> = s
+                    .split(';')
+                    .filter(|attr| {
+                        !attr
+                            .trim()
+                            .get(..7)
+                            .is_some_and(|p| p.eq_ignore_ascii_case("domain="))
+                    })
+                    .collect();
+                HeaderValue::from_str(&kept.join(";")).unwrap_or(c)
+            }
+            Err(_) => c,
+        };
+        h.append(header::SET_COOKIE, new);
+    }
+}
+
+/// Replaces the first occurrence of one of the `from` prefixes (at the start of the value or
+/// after `url=` in a `Refresh` value) by `to`.
+fn rewrite_url_in(value: &str, from: &[String], to: &str) -> Option<String> {
+    let (head, url) = match value.to_ascii_lowercase().find("url=") {
+        Some(i) => (&value[..i + 4], &value[i + 4..]),
+        None => ("", value),
+    };
+    for f in from {
+        let f = f.trim_end_matches('/');
+        if f.is_empty() {
+            continue;
+        }
+        if let Some(rest) = strip_prefix_ci(url, f)
+            && (rest.is_empty() || rest.starts_with(['/', '?', '#']))
+        {
+            return Some(format!("{head}{to}{rest}"));
+        }
+    }
+    None
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn location_and_refresh_rewritten() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LOCATION,
+            "http://primary.internal:8080/group/p.git/info/refs?x=1"
+                .parse()
+                .unwrap(),
+        );
+        h.insert("refresh", "0; url=https://git.paris.example/x".parse().unwrap());
+        h.append(
+            header::SET_COOKIE,
+            "a=b; Domain=paris.example; Path=/".parse().unwrap(),
+        );
+        let from = vec![
+            "http://primary.internal:8080".to_string(),
+            "https://git.paris.example/".to_string(),
+        ];
+        rewrite_response(&mut h, &from, "https://git.tokyo.example/");
+        assert_eq!(
+            h[header::LOCATION],
+            "https://git.tokyo.example/group/p.git/info/refs?x=1"
+        );
+        assert_eq!(h["refresh"], "0; url=https://git.tokyo.example/x");
+        assert_eq!(h[header::SET_COOKIE], "a=b; Path=/");
+    }
+
+    #[test]
+    fn other_hosts_untouched() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LOCATION,
+            "http://primary.internal:80800/x".parse().unwrap(),
+        );
+        rewrite_response(
+            &mut h,
+            &["http://primary.internal:8080".into()],
+            "https://t.example",
+        );
+        assert_eq!(h[header::LOCATION], "http://primary.internal:80800/x");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn client_address_behind_proxies() {
+        let t = TrustedProxies::parse(&["10.0.0.0/8".into()]).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "6.6.6.6, 1.2.3.4, 10.1.1.1".parse().unwrap(),
+        );
+        assert_eq!(
+            client_behind_trusted(&h, &t),
+            Some("1.2.3.4".parse().unwrap())
+        );
+        assert!(t.contains("::ffff:10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn forwarding_appended() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4".parse().unwrap());
+        add_forwarding(
+            &mut h,
+            &ForwardInfo {
+                peer: "127.0.0.1".parse().unwrap(),
+                host: Some("git.example:8080"),
+                proto: "http",
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 127.0.0.1");
+        assert_eq!(h["x-forwarded-host"], "git.example:8080");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=127.0.0.1;proto=http;host=\"git.example:8080\""
+        );
+    }
+}
