@@ -1,8 +1,11 @@
 //! Wires a sidecar together for its role and serves the service and admin ports until
 //! shutdown.
 
+use crate::context::PushSink;
 use crate::context::SiteContext;
+use crate::forge::EmbeddedForge;
 use crate::metrics::Metrics;
+use crate::proxy::front::{ForgeBackend, Front};
 use crate::settings::Settings;
 use crate::{primary::Primary, proxy, secondary::Secondary};
 use axum::Router;
@@ -27,21 +30,36 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .map_err(anyhow::Error::msg)?;
 
-    let (service, admin_extra) = match ctx.config.role {
+    // The service port: the route table in `proxy::route`, served by `proxy::server`.
+    let (front, admin_extra) = match ctx.config.role {
         SiteRole::Primary => {
             let primary = Primary::start(ctx.clone()).await?;
-            (
-                Router::new().merge(primary.geo_api()),
-                primary.admin_routes(),
-            )
+            let sink: Arc<dyn PushSink> = primary.clone();
+            let forge = forge_backend(&ctx, Some(sink.clone()))?;
+            let front = Front::new(
+                ctx.clone(),
+                Some(primary.geo_api()),
+                Some(forge),
+                None,
+                Some(sink),
+            )?;
+            (front, primary.admin_routes())
         }
         SiteRole::Secondary => {
             let watch = proxy::discovery::start(&ctx);
-            let secondary = Secondary::start(ctx.clone(), watch).await?;
-            (Router::new(), secondary.admin_routes())
+            let secondary = Secondary::start(ctx.clone(), watch.clone()).await?;
+            // Accelerated reads plug in here: `front.with_accelerator(…)`.
+            let front = Front::new(ctx.clone(), None, None, Some(watch), None)?;
+            (front, secondary.admin_routes())
         }
-        SiteRole::Disabled => (Router::new(), Router::new()),
+        SiteRole::Disabled => {
+            // Geo is off: a plain front of the forge, no event log to feed.
+            let forge = forge_backend(&ctx, None)?;
+            let front = Front::new(ctx.clone(), None, Some(forge), None, None)?;
+            (front, Router::new())
+        }
     };
+    let front = Arc::new(front);
 
     let metrics = ctx.metrics.clone();
     let admin = Router::new()
@@ -63,16 +81,46 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         wait_for_signal().await;
         sd.cancel();
     });
-    let s1 = shutdown.clone();
     let s2 = shutdown.clone();
-    let a = axum::serve(service_listener, service)
-        .with_graceful_shutdown(async move { s1.cancelled().await });
-    let b = axum::serve(admin_listener, admin)
-        .with_graceful_shutdown(async move { s2.cancelled().await });
+    let a = proxy::server::serve(
+        service_listener,
+        front,
+        ctx.config.proxy.clone(),
+        shutdown.clone(),
+    );
+    let b = async move {
+        axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(async move { s2.cancelled().await })
+            .await
+            .map_err(anyhow::Error::from)
+    };
     let (ra, rb) = tokio::join!(a, b);
     ra?;
     rb?;
     Ok(())
+}
+
+/// The forge of a primary or disabled site: embedded `git http-backend` or `forge.upstreamUrl`.
+fn forge_backend(
+    ctx: &SiteContext,
+    sink: Option<Arc<dyn PushSink>>,
+) -> anyhow::Result<ForgeBackend> {
+    if let Some(f) = EmbeddedForge::new(ctx, sink)? {
+        return Ok(ForgeBackend::Embedded(Arc::new(f)));
+    }
+    let url = ctx
+        .config
+        .forge
+        .as_ref()
+        .and_then(|f| f.upstream_url.as_deref())
+        .ok_or_else(|| anyhow::anyhow!("forge: set forge.embedded or forge.upstreamUrl"))?;
+    let url = url::Url::parse(url).map_err(|e| anyhow::anyhow!("forge.upstreamUrl: {e}"))?;
+    if url.scheme() != "http" {
+        anyhow::bail!(
+            "forge.upstreamUrl: only http:// is supported (the forge is in the same pod or cluster)"
+        );
+    }
+    Ok(ForgeBackend::Upstream(url))
 }
 
 /// Resolves on SIGTERM or SIGINT.

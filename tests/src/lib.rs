@@ -3,6 +3,8 @@
 //! The binary comes from the same target directory as the test (built by
 //! `cargo test --workspace`, which builds every binary before running tests).
 
+pub mod httpd;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -18,7 +18,7 @@ pub mod statefulset;
 
 use geoforge_crds::GeoSite;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
 use std::collections::BTreeMap;
 
 /// Field manager of every server-side apply the operator makes.
@@ -102,14 +102,15 @@ pub fn labels(site: &str) -> BTreeMap<String, String> {
 
 /// The controller owner reference to the site (`controller: true`, `blockOwnerDeletion: true`).
 pub fn owner_ref(site: &GeoSite) -> OwnerReference {
-    site.controller_owner_ref(&()).unwrap_or_else(|| OwnerReference {
-        api_version: format!("{}/{}", geoforge_crds::GROUP, geoforge_crds::VERSION),
-        kind: "GeoSite".into(),
-        name: site.name_any(),
-        uid: site.uid().unwrap_or_default(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    })
+    site.controller_owner_ref(&())
+        .unwrap_or_else(|| OwnerReference {
+            api_version: format!("{}/{}", geoforge_crds::GROUP, geoforge_crds::VERSION),
+            kind: "GeoSite".into(),
+            name: site.name_any(),
+            uid: site.uid().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        })
 }
 
 /// Metadata of an owned object of `site`.
@@ -132,7 +133,7 @@ pub(crate) mod testdata {
     use geoforge_crds::{GeoSiteSpec, Replicable, ReplicableSpec};
 
     pub const PARIS_KEY: &str = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo";
-    pub const TOKYO_KEY: &str = "ZhtY6w6yfZHyNJbRUzZLg7GfnWfU8pvMSL6Crp9c4Ts";
+    pub const TOKYO_KEY: &str = "J5Ar9CidHaLSPcuKYPCvmMWLygRLSY4x1Zqg7zffLJ8";
 
     pub fn defaults() -> Defaults {
         Defaults {

@@ -23,7 +23,9 @@ pub fn v0_tips(body: &[u8]) -> Option<HashSet<String>> {
             return None;
         }
         let line = line.split('\0').next().unwrap_or("");
-        let Some((oid, name)) = line.split_once(' ') else { continue };
+        let Some((oid, name)) = line.split_once(' ') else {
+            continue;
+        };
         if !is_oid(oid) {
             continue;
         }
@@ -65,7 +67,9 @@ pub fn v2_ls_refs_tips(body: &[u8]) -> Option<HashSet<String>> {
 
 /// A hex object id (SHA-1 or SHA-256).
 pub fn is_oid(s: &str) -> bool {
-    (s.len() == 40 || s.len() == 64) && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    (s.len() == 40 || s.len() == 64)
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 #[cfg(test)]
@@ -79,7 +83,9 @@ mod tests {
         let b = "b".repeat(40);
         let mut body = encode(b"# service=git-upload-pack\n");
         body.extend_from_slice(b"0000");
-        body.extend_from_slice(&encode(format!("{a} HEAD\0multi_ack side-band-64k\n").as_bytes()));
+        body.extend_from_slice(&encode(
+            format!("{a} HEAD\0multi_ack side-band-64k\n").as_bytes(),
+        ));
         body.extend_from_slice(&encode(format!("{a} refs/heads/main\n").as_bytes()));
         body.extend_from_slice(&encode(format!("{b} refs/tags/v1^{{}}\n").as_bytes()));
         body.extend_from_slice(b"0000");
@@ -98,6 +104,9 @@ mod tests {
         let mut body = encode(format!("{a} refs/heads/main symref-target:x\n").as_bytes());
         body.extend_from_slice(&encode(format!("{a} refs/tags/v1 peeled:{c}\n").as_bytes()));
         body.extend_from_slice(b"0000");
-        assert_eq!(v2_ls_refs_tips(&body).unwrap(), [a, c].into_iter().collect());
+        assert_eq!(
+            v2_ls_refs_tips(&body).unwrap(),
+            [a, c].into_iter().collect()
+        );
     }
 }

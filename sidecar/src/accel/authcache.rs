@@ -24,7 +24,10 @@ pub struct ClientKey([u8; 32]);
 pub fn client_key(headers: &HeaderMap, extra_headers: &[String], client: IpAddr) -> ClientKey {
     let mut h = Sha256::new();
     let mut any = false;
-    let names = CREDENTIAL_HEADERS.iter().copied().chain(extra_headers.iter().map(String::as_str));
+    let names = CREDENTIAL_HEADERS
+        .iter()
+        .copied()
+        .chain(extra_headers.iter().map(String::as_str));
     for name in names {
         for v in headers.get_all(name) {
             any = true;
@@ -46,8 +49,11 @@ pub fn client_key(headers: &HeaderMap, extra_headers: &[String], client: IpAddr)
 pub struct Entry {
     pub tips: HashSet<String>,
     pub confirmed_at: Instant,
-    /// The primary's exact `info/refs` response (v0/v1), replayed while the primary is down.
+    /// The primary's exact `info/refs` response (v0/v1 refs, or the v2 capabilities),
+    /// replayed while the primary is down.
     pub advertisement: Option<bytes::Bytes>,
+    /// The last v2 `ls-refs` exchange (request digest, response), replayed while the primary is down.
+    pub ls_refs: Option<([u8; 32], bytes::Bytes)>,
 }
 
 /// The cache.
@@ -61,36 +67,100 @@ const MAX_ENTRIES: usize = 100_000;
 
 impl AuthCache {
     pub fn new(ttl: Duration, max_staleness: Duration) -> Self {
-        AuthCache { ttl, max_staleness: max_staleness.max(ttl), entries: Mutex::new(HashMap::new()) }
+        AuthCache {
+            ttl,
+            max_staleness: max_staleness.max(ttl),
+            entries: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Records (replaces) the tips the primary just advertised.
-    pub fn record(&self, key: ClientKey, replicable: &str, item: &str, tips: HashSet<String>, advertisement: Option<bytes::Bytes>) {
+    pub fn record(
+        &self,
+        key: ClientKey,
+        replicable: &str,
+        item: &str,
+        tips: HashSet<String>,
+        advertisement: Option<bytes::Bytes>,
+    ) {
         let mut map = self.entries.lock().expect("auth cache");
         if map.len() >= MAX_ENTRIES {
             let horizon = self.max_staleness;
             map.retain(|_, e| e.confirmed_at.elapsed() < horizon);
         }
-        map.insert((key, replicable.to_string(), item.to_string()), Entry { tips, confirmed_at: Instant::now(), advertisement });
+        map.insert(
+            (key, replicable.to_string(), item.to_string()),
+            Entry {
+                tips,
+                confirmed_at: Instant::now(),
+                advertisement,
+                ls_refs: None,
+            },
+        );
     }
 
-    /// Adds tips to an existing entry (v2 `ls-refs` responses with ref prefixes arrive in parts).
-    pub fn extend(&self, key: ClientKey, replicable: &str, item: &str, tips: HashSet<String>) {
+    /// Keeps a v2 capability advertisement without touching the tips.
+    pub fn record_v2_caps(
+        &self,
+        key: ClientKey,
+        replicable: &str,
+        item: &str,
+        advertisement: bytes::Bytes,
+    ) {
         let mut map = self.entries.lock().expect("auth cache");
-        let e = map.entry((key, replicable.to_string(), item.to_string())).or_insert_with(|| Entry {
-            tips: HashSet::new(),
-            confirmed_at: Instant::now(),
-            advertisement: None,
-        });
-        e.tips.extend(tips);
+        let e = map
+            .entry((key, replicable.to_string(), item.to_string()))
+            .or_insert_with(|| Entry {
+                tips: HashSet::new(),
+                confirmed_at: Instant::now(),
+                advertisement: None,
+                ls_refs: None,
+            });
+        e.advertisement = Some(advertisement);
+    }
+
+    /// Records the tips of a v2 `ls-refs` answer (replacing earlier tips: the primary's answer
+    /// is the whole truth for this client now) with the exchange for replay.
+    pub fn record_ls_refs(
+        &self,
+        key: ClientKey,
+        replicable: &str,
+        item: &str,
+        tips: HashSet<String>,
+        request: [u8; 32],
+        response: bytes::Bytes,
+    ) {
+        let mut map = self.entries.lock().expect("auth cache");
+        let e = map
+            .entry((key, replicable.to_string(), item.to_string()))
+            .or_insert_with(|| Entry {
+                tips: HashSet::new(),
+                confirmed_at: Instant::now(),
+                advertisement: None,
+                ls_refs: None,
+            });
+        e.tips = tips;
         e.confirmed_at = Instant::now();
+        e.ls_refs = Some((request, response));
     }
 
     /// The entry if it is younger than the TTL (primary reachable) or `maxStaleness` (primary down).
-    pub fn get(&self, key: ClientKey, replicable: &str, item: &str, primary_down: bool) -> Option<Entry> {
-        let limit = if primary_down { self.max_staleness } else { self.ttl };
+    pub fn get(
+        &self,
+        key: ClientKey,
+        replicable: &str,
+        item: &str,
+        primary_down: bool,
+    ) -> Option<Entry> {
+        let limit = if primary_down {
+            self.max_staleness
+        } else {
+            self.ttl
+        };
         let map = self.entries.lock().expect("auth cache");
-        map.get(&(key, replicable.to_string(), item.to_string())).filter(|e| e.confirmed_at.elapsed() < limit).cloned()
+        map.get(&(key, replicable.to_string(), item.to_string()))
+            .filter(|e| e.confirmed_at.elapsed() < limit)
+            .cloned()
     }
 
     pub fn len(&self) -> usize {
@@ -121,16 +191,31 @@ mod tests {
         assert_eq!(client_key(&alice, &[], ip1), client_key(&alice, &[], ip2));
         let mut custom = HeaderMap::new();
         custom.insert("x-forge-session", "s1".parse().unwrap());
-        assert_ne!(client_key(&custom, &["x-forge-session".into()], ip1), client_key(&anon, &[], ip1));
+        assert_ne!(
+            client_key(&custom, &["x-forge-session".into()], ip1),
+            client_key(&anon, &[], ip1)
+        );
     }
 
     #[test]
     fn ttl_and_staleness() {
         let c = AuthCache::new(Duration::from_millis(0), Duration::from_secs(60));
         let k = client_key(&HeaderMap::new(), &[], "127.0.0.1".parse().unwrap());
-        c.record(k, "repos", "a.git", ["x".repeat(40)].into_iter().collect(), None);
-        assert!(c.get(k, "repos", "a.git", false).is_none(), "expired while the primary is up");
-        assert!(c.get(k, "repos", "a.git", true).is_some(), "kept for maxStaleness while it is down");
+        c.record(
+            k,
+            "repos",
+            "a.git",
+            ["x".repeat(40)].into_iter().collect(),
+            None,
+        );
+        assert!(
+            c.get(k, "repos", "a.git", false).is_none(),
+            "expired while the primary is up"
+        );
+        assert!(
+            c.get(k, "repos", "a.git", true).is_some(),
+            "kept for maxStaleness while it is down"
+        );
         assert!(c.get(k, "repos", "b.git", true).is_none());
     }
 }

@@ -34,7 +34,12 @@ impl UploadPackPool {
 
     /// Runs upload-pack over `repo` for `request`; returns the streaming response body and how
     /// long the request waited for a slot.
-    pub async fn serve(&self, repo: &Path, request: Bytes, git_protocol: Option<&str>) -> std::io::Result<(Body, Duration)> {
+    pub async fn serve(
+        &self,
+        repo: &Path,
+        request: Bytes,
+        git_protocol: Option<&str>,
+    ) -> std::io::Result<(Body, Duration)> {
         let start = Instant::now();
         self.queued.fetch_add(1, Ordering::Relaxed);
         let permit = self.permits.clone().acquire_owned().await;
@@ -68,11 +73,16 @@ impl UploadPackPool {
         });
         let running = self.running.clone();
         running.fetch_add(1, Ordering::Relaxed);
-        let guard = RunGuard { _permit: permit, running, _child: child };
-        let stream = tokio_util::io::ReaderStream::with_capacity(stdout, 64 * 1024).map(move |chunk| {
-            let _keep = &guard;
-            chunk
-        });
+        let guard = RunGuard {
+            _permit: permit,
+            running,
+            _child: child,
+        };
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(stdout, 64 * 1024).map(move |chunk| {
+                let _keep = &guard;
+                chunk
+            });
         Ok((Body::from_stream(stream), waited))
     }
 }
@@ -108,7 +118,13 @@ pub async fn has_objects(repo: &Path, oids: &[String]) -> bool {
         let _ = stdin.write_all(input.as_bytes()).await;
         let _ = stdin.shutdown().await;
     });
-    let Ok(out) = child.wait_with_output().await else { return false };
+    let Ok(out) = child.wait_with_output().await else {
+        return false;
+    };
     let _ = writer.await;
-    out.status.success() && String::from_utf8_lossy(&out.stdout).lines().all(|l| !l.ends_with(" missing")) && String::from_utf8_lossy(&out.stdout).lines().count() == oids.len()
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .all(|l| !l.ends_with(" missing"))
+        && String::from_utf8_lossy(&out.stdout).lines().count() == oids.len()
 }

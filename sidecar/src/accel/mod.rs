@@ -13,6 +13,10 @@
 
 pub mod advert;
 pub mod authcache;
+pub mod engine;
 pub mod local;
+pub mod metrics;
 pub mod pktline;
 pub mod request;
+
+pub use engine::{Accelerator, Intercept, Pending};

@@ -57,7 +57,9 @@ pub fn encode(payload: &[u8]) -> Vec<u8> {
 
 /// The payload as text without its trailing newline.
 pub fn text(payload: &[u8]) -> &str {
-    std::str::from_utf8(payload).unwrap_or("").trim_end_matches('\n')
+    std::str::from_utf8(payload)
+        .unwrap_or("")
+        .trim_end_matches('\n')
 }
 
 #[cfg(test)]
@@ -71,7 +73,15 @@ mod tests {
         buf.extend_from_slice(b"0001");
         buf.extend_from_slice(&encode(b"done\n"));
         let p = parse(&buf).unwrap();
-        assert_eq!(p, vec![Pkt::Data(b"want abc\n"), Pkt::Flush, Pkt::Delim, Pkt::Data(b"done\n")]);
+        assert_eq!(
+            p,
+            vec![
+                Pkt::Data(b"want abc\n"),
+                Pkt::Flush,
+                Pkt::Delim,
+                Pkt::Data(b"done\n")
+            ]
+        );
         assert_eq!(parse(b"00"), Err(PktError::Truncated));
         assert_eq!(parse(b"zzzz"), Err(PktError::BadLength));
         assert_eq!(parse(b"0010abc"), Err(PktError::Truncated));

@@ -22,16 +22,37 @@ pub struct FetchRequest {
 
 /// Capabilities and arguments the local `git upload-pack` honours exactly like the primary's.
 const SUPPORTED_V0_CAPS: &[&str] = &[
-    "multi_ack", "multi_ack_detailed", "no-done", "thin-pack", "side-band", "side-band-64k", "ofs-delta",
-    "shallow", "deepen-since", "deepen-not", "deepen-relative", "no-progress", "include-tag", "allow-tip-sha1-in-want",
-    "allow-reachable-sha1-in-want", "filter", "object-format=sha1", "wait-for-done",
+    "multi_ack",
+    "multi_ack_detailed",
+    "no-done",
+    "thin-pack",
+    "side-band",
+    "side-band-64k",
+    "ofs-delta",
+    "shallow",
+    "deepen-since",
+    "deepen-not",
+    "deepen-relative",
+    "no-progress",
+    "include-tag",
+    "allow-tip-sha1-in-want",
+    "allow-reachable-sha1-in-want",
+    "filter",
+    "object-format=sha1",
+    "wait-for-done",
 ];
 
 /// Parses a request body (already decompressed).
 pub fn parse(body: &[u8]) -> Result<FetchRequest, String> {
     let pkts = pktline::parse(body).map_err(|e| e.to_string())?;
     let mut req = FetchRequest::default();
-    let first = pkts.iter().find_map(|p| if let Pkt::Data(d) = p { Some(pktline::text(d)) } else { None });
+    let first = pkts.iter().find_map(|p| {
+        if let Pkt::Data(d) = p {
+            Some(pktline::text(d))
+        } else {
+            None
+        }
+    });
     match first {
         Some(l) if l.starts_with("command=") => parse_v2(&pkts, &mut req),
         Some(_) => parse_v0(&pkts, &mut req),
@@ -109,7 +130,16 @@ fn parse_v2(pkts: &[Pkt<'_>], req: &mut FetchRequest) {
                 } else if let Some(f) = line.strip_prefix("filter ") {
                     req.filter = Some(f.to_string());
                 } else if !(line.starts_with("have ")
-                    || matches!(line, "done" | "thin-pack" | "no-progress" | "include-tag" | "ofs-delta" | "sideband-all" | "wait-for-done"))
+                    || matches!(
+                        line,
+                        "done"
+                            | "thin-pack"
+                            | "no-progress"
+                            | "include-tag"
+                            | "ofs-delta"
+                            | "sideband-all"
+                            | "wait-for-done"
+                    ))
                 {
                     req.unsupported.push(line.to_string());
                 }
@@ -138,7 +168,16 @@ mod tests {
     #[test]
     fn v0_request() {
         let a = "a".repeat(40);
-        let r = parse(&body(&[&format!("want {a} multi_ack_detailed side-band-64k thin-pack ofs-delta agent=git/2.47"), "deepen 1"], None)).unwrap();
+        let r = parse(&body(
+            &[
+                &format!(
+                    "want {a} multi_ack_detailed side-band-64k thin-pack ofs-delta agent=git/2.47"
+                ),
+                "deepen 1",
+            ],
+            None,
+        ))
+        .unwrap();
         assert_eq!(r.wants, vec![a.clone()]);
         assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
         assert!(r.shallow);
@@ -150,7 +189,16 @@ mod tests {
     fn v2_request() {
         let a = "a".repeat(40);
         let r = parse(&body(
-            &["command=fetch", "agent=git/2.47", "object-format=sha1", "thin-pack", "ofs-delta", &format!("want {a}"), "filter blob:none", "done"],
+            &[
+                "command=fetch",
+                "agent=git/2.47",
+                "object-format=sha1",
+                "thin-pack",
+                "ofs-delta",
+                &format!("want {a}"),
+                "filter blob:none",
+                "done",
+            ],
             Some(2),
         ))
         .unwrap();
@@ -159,7 +207,11 @@ mod tests {
         assert_eq!(r.wants, vec![a]);
         assert_eq!(r.filter.as_deref(), Some("blob:none"));
         assert!(r.unsupported.is_empty(), "{:?}", r.unsupported);
-        let r = parse(&body(&["command=fetch", "want-ref refs/heads/main", "done"], Some(0))).unwrap();
+        let r = parse(&body(
+            &["command=fetch", "want-ref refs/heads/main", "done"],
+            Some(0),
+        ))
+        .unwrap();
         assert_eq!(r.unsupported.len(), 1);
         let r = parse(&body(&["command=ls-refs", "peel", "symrefs"], Some(0))).unwrap();
         assert_eq!(r.command, "ls-refs");

@@ -284,7 +284,10 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        h.insert("refresh", "0; url=https://git.paris.example/x".parse().unwrap());
+        h.insert(
+            "refresh",
+            "0; url=https://git.paris.example/x".parse().unwrap(),
+        );
         h.append(
             header::SET_COOKIE,
             "a=b; Domain=paris.example; Path=/".parse().unwrap(),

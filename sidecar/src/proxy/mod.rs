@@ -1,4 +1,17 @@
-//! The request path: ingress header hygiene, the upstream client, primary discovery, 503s.
-//! Owner: proxy work (issue 3).
+//! The request path: the service-port server, the route table, ingress header hygiene, the
+//! upstream client, primary discovery and the 503s. Owner: proxy work (issue 3).
+//!
+//! - [`server`]: hyper 1 (HTTP/1.1 + h2c), limits, graceful drain;
+//! - [`front`]: the per-request phases (request filter → pick target → serve → response filter);
+//! - [`route`]: the route table ([`route::Target`]) and the acceleration hook;
+//! - [`headers`]: hop-by-hop, forwarding, Geo header and rewrite rules;
+//! - [`upstream`]: the pooled client, streaming, retries, Upgrade tunnelling;
+//! - [`discovery`]: the primary URL of a secondary.
 
 pub mod discovery;
+pub mod front;
+pub mod headers;
+pub mod metrics;
+pub mod route;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,474 @@
+//! The service port's request handler, in phases (Pingora style):
+//!
+//! 1. **request filter** — framing checks (conflicting `Content-Length`/`Transfer-Encoding`
+//!    → 400), request id, ingress header hygiene (DESIGN §2): client-sent
+//!    `Gitlab-Workhorse-Geo-Proxy*` headers are removed; `X-Forwarded-*`/`Forwarded` too
+//!    unless the peer is a trusted proxy or (on a primary) the request carries a valid
+//!    `proxy`-scope extra-data token from a known secondary;
+//! 2. **pick target** — [`crate::proxy::route::pick_target`];
+//! 3. **serve** — Geo API in-process, the forge (embedded or upstream), or the primary;
+//! 4. **response filter** — `Location`/`Refresh`/`Set-Cookie` rewrites on proxied responses,
+//!    `x-request-id`, metrics.
+//!
+//! **Audience of the extra data.** The token a secondary mints for the primary needs the
+//! primary's site id as `aud`. The discovery API gives only a URL, so the secondary takes
+//! the site owning its trusted peer keys (`keys.trusted`, minus its own site): a secondary's
+//! config lists exactly one peer primary in practice. With several peers, the one whose id
+//! is the first DNS label of the primary URL's host wins, else the first listed (a warning
+//! is logged once). Tokens are cached for at most [`EXTRA_DATA_CACHE`] and never logged.
+
+use crate::context::{PrimaryWatch, PushSink, SiteContext};
+use crate::forge::EmbeddedForge;
+use crate::forge::report_status::PushDetectBody;
+use crate::proxy::headers::{self, TrustedProxies};
+use crate::proxy::metrics::{ProxyMetrics, RequestLabels, TargetLabels, UpstreamErrorLabels};
+use crate::proxy::route::{self, Accelerator, Target};
+use crate::proxy::upstream::{Upstream, UpstreamError};
+use axum::body::Body;
+use geoforge_crds::auth::{PROXY_EXTRA_DATA_HEADER, PROXY_HEADER, Scope};
+use geoforge_crds::geosite::SiteRole;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tower::ServiceExt;
+use tracing::Instrument;
+
+/// How long a minted extra-data token is reused (tokens live 30 s).
+pub const EXTRA_DATA_CACHE: Duration = Duration::from_secs(5);
+/// `Retry-After` of 503s when the primary is unreachable or unknown.
+const RETRY_AFTER_SECS: u64 = 10;
+
+/// The forge behind a primary or disabled site.
+pub enum ForgeBackend {
+    Embedded(Arc<EmbeddedForge>),
+    Upstream(url::Url),
+}
+
+/// What the service port needs for every request.
+pub struct Front {
+    ctx: SiteContext,
+    trusted: TrustedProxies,
+    geo_api: Option<axum::Router>,
+    forge: Option<ForgeBackend>,
+    primary: Option<PrimaryWatch>,
+    accelerator: Option<Arc<dyn Accelerator>>,
+    push_sink: Option<Arc<dyn PushSink>>,
+    upstream: Upstream,
+    metrics: ProxyMetrics,
+    extra_data: Mutex<Option<(String, HeaderValue, Instant)>>,
+    peer_sites: Vec<String>,
+    warned_aud: std::sync::atomic::AtomicBool,
+}
+
+/// What ingress learnt about a request.
+struct Ingress {
+    peer: IpAddr,
+    /// The client address: the peer, or what a trusted proxy / verified secondary says.
+    client: IpAddr,
+    /// The secondary that proxied this request (verified extra data).
+    via_site: Option<String>,
+}
+
+impl Front {
+    /// `geo_api`: the primary's Geo API router; `forge`: the forge of a primary/disabled site;
+    /// `primary`: a secondary's watch of the primary URL; `push_sink`: where completed pushes go.
+    pub fn new(
+        ctx: SiteContext,
+        geo_api: Option<axum::Router>,
+        forge: Option<ForgeBackend>,
+        primary: Option<PrimaryWatch>,
+        push_sink: Option<Arc<dyn PushSink>>,
+    ) -> anyhow::Result<Front> {
+        let trusted =
+            TrustedProxies::parse(&ctx.config.trusted_proxies).map_err(anyhow::Error::msg)?;
+        let mut peer_sites: Vec<String> = vec![];
+        for k in &ctx.config.keys.trusted {
+            let s = k.site().to_string();
+            if s != ctx.site_id() && !peer_sites.contains(&s) {
+                peer_sites.push(s);
+            }
+        }
+        if ctx.config.role == SiteRole::Secondary && peer_sites.is_empty() {
+            tracing::warn!(
+                "keys.trusted lists no peer site: proxied requests carry no Geo extra data, so \
+                 the primary will not trust forwarded client addresses"
+            );
+        }
+        Ok(Front {
+            upstream: Upstream::new(&ctx.config.proxy),
+            metrics: ProxyMetrics::register(&ctx.metrics),
+            trusted,
+            geo_api,
+            forge,
+            primary,
+            accelerator: None,
+            push_sink,
+            extra_data: Mutex::new(None),
+            peer_sites,
+            warned_aud: false.into(),
+            ctx,
+        })
+    }
+
+    /// Plugs in read acceleration (secondaries).
+    pub fn with_accelerator(mut self, a: Arc<dyn Accelerator>) -> Front {
+        self.accelerator = Some(a);
+        self
+    }
+
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.metrics
+    }
+
+    /// Handles one request.
+    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Body>) -> Response<Body> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let route_name = route::route_label(req.uri().path(), req.uri().query());
+        let request_id = request_id(req.headers());
+        let span = tracing::info_span!("request", id = %request_id, method = %method,
+            path = %req.uri().path(), via = tracing::field::Empty);
+        let (target_label, mut resp) =
+            async { self.handle_inner(peer, req, &request_id, route_name).await }
+                .instrument(span)
+                .await;
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route_name,
+                method: method_label(&method),
+                code: resp.status().as_u16(),
+                target: target_label,
+            })
+            .inc();
+        self.metrics
+            .latency
+            .get_or_create(&TargetLabels {
+                target: target_label,
+            })
+            .observe(start.elapsed().as_secs_f64());
+        resp
+    }
+
+    async fn handle_inner(
+        &self,
+        peer: SocketAddr,
+        mut req: Request<Body>,
+        request_id: &str,
+        route_name: &'static str,
+    ) -> (&'static str, Response<Body>) {
+        // 1. request filter
+        if let Some(resp) = framing_check(&req) {
+            return ("local", resp);
+        }
+        let ingress = self.ingress(&mut req, peer.ip());
+        if let Some(site) = &ingress.via_site {
+            tracing::Span::current().record("via", site.as_str());
+        }
+        if let Ok(v) = HeaderValue::from_str(request_id) {
+            req.headers_mut().insert("x-request-id", v);
+        }
+        // 2. pick target
+        let primary_url = self.primary.as_ref().and_then(|w| w.borrow().clone());
+        let target = {
+            let (parts, body) = req.into_parts();
+            let t = route::pick_target(
+                self.ctx.config.role,
+                &parts,
+                self.accelerator.as_deref(),
+                primary_url.as_deref(),
+            );
+            req = Request::from_parts(parts, body);
+            t
+        };
+        let label = target.label();
+        // 3. serve, 4. response filter
+        let resp = match target {
+            Target::GeoApi => self.serve_geo_api(req, peer).await,
+            Target::Forge => self.serve_forge(req, &ingress, route_name).await,
+            Target::Primary(url) => self.serve_primary(req, &ingress, &url).await,
+            Target::Unavailable => {
+                primary_unavailable(req.headers(), "the primary site is unknown")
+            }
+            Target::Local(name) => {
+                // No accelerated route is wired in yet: an accelerator that claims a request
+                // must also serve it; until then this is unreachable in practice.
+                tracing::warn!(
+                    route = name,
+                    "accelerated route without a handler; proxying"
+                );
+                match primary_url {
+                    Some(u) => self.serve_primary(req, &ingress, &u).await,
+                    None => primary_unavailable(req.headers(), "the primary site is unknown"),
+                }
+            }
+        };
+        (label, resp)
+    }
+
+    /// Ingress header hygiene (DESIGN §2); see the module docs.
+    fn ingress(&self, req: &mut Request<Body>, peer: IpAddr) -> Ingress {
+        let peer = headers::canonical(peer);
+        let h = req.headers_mut();
+        let mut via_site = None;
+        if self.ctx.config.role == SiteRole::Primary
+            && let Some(v) = headers::extra_data(h)
+        {
+            match self
+                .ctx
+                .keyring
+                .verify_token(v, self.ctx.site_id(), Scope::Proxy)
+            {
+                Ok(ver) if ver.site != self.ctx.site_id() => {
+                    via_site = Some(ver.site);
+                }
+                Ok(_) => tracing::debug!("extra data signed by this site itself: ignored"),
+                Err(e) => tracing::info!(peer = %peer, "ignoring Geo proxy headers: {e}"),
+            }
+        }
+        headers::strip_geo_headers(h);
+        let peer_trusted = self.trusted.contains(peer);
+        if via_site.is_none() && !peer_trusted {
+            headers::strip_forwarding(h);
+        }
+        let client = if via_site.is_some() {
+            headers::last_forwarded_for(h).unwrap_or(peer)
+        } else if peer_trusted {
+            headers::client_behind_trusted(h, &self.trusted).unwrap_or(peer)
+        } else {
+            peer
+        };
+        Ingress {
+            peer,
+            client,
+            via_site,
+        }
+    }
+
+    async fn serve_geo_api(&self, mut req: Request<Body>, peer: SocketAddr) -> Response<Body> {
+        let Some(router) = &self.geo_api else {
+            return crate::http_util::error(StatusCode::NOT_FOUND, "no Geo API here", false);
+        };
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        match router.clone().oneshot(req).await {
+            Ok(r) => r,
+            Err(e) => match e {},
+        }
+    }
+
+    async fn serve_forge(
+        &self,
+        mut req: Request<Body>,
+        ingress: &Ingress,
+        route_name: &'static str,
+    ) -> Response<Body> {
+        let forge = match &self.forge {
+            Some(ForgeBackend::Embedded(f)) => return f.serve(req, ingress.client).await,
+            Some(ForgeBackend::Upstream(u)) => u,
+            None => {
+                return crate::http_util::error(
+                    StatusCode::NOT_FOUND,
+                    "no forge configured",
+                    false,
+                );
+            }
+        };
+        let json = crate::http_util::wants_json(req.headers());
+        self.add_forwarding(&mut req, ingress);
+        let path = req.uri().path().to_string();
+        let is_push = route_name == "git_receive_pack" && req.method() == http::Method::POST;
+        match self.upstream.forward(req, forge).await {
+            Ok(resp) => match &self.push_sink {
+                Some(sink) if is_push && resp.status() == StatusCode::OK => {
+                    let (parts, body) = resp.into_parts();
+                    Response::from_parts(
+                        parts,
+                        Body::new(PushDetectBody::new(body, sink.clone(), path)),
+                    )
+                }
+                _ => resp,
+            },
+            Err(e) => {
+                self.upstream_error("forge", &e);
+                crate::http_util::error(StatusCode::BAD_GATEWAY, "the forge is unreachable", json)
+            }
+        }
+    }
+
+    async fn serve_primary(
+        &self,
+        mut req: Request<Body>,
+        ingress: &Ingress,
+        primary: &str,
+    ) -> Response<Body> {
+        let json = crate::http_util::wants_json(req.headers());
+        let base = match url::Url::parse(primary) {
+            Ok(u) if matches!(u.scheme(), "http") => u,
+            Ok(u) => {
+                self.upstream_error(
+                    "primary",
+                    &UpstreamError::BadUrl(format!("scheme {}", u.scheme())),
+                );
+                return primary_unavailable_json(json, "the primary site is unreachable");
+            }
+            Err(e) => {
+                self.upstream_error("primary", &UpstreamError::BadUrl(e.to_string()));
+                return primary_unavailable_json(json, "the primary site is unreachable");
+            }
+        };
+        self.add_forwarding(&mut req, ingress);
+        let h = req.headers_mut();
+        h.insert(PROXY_HEADER, HeaderValue::from_static("1"));
+        if let Some(v) = self.extra_data_for(&base) {
+            h.insert(PROXY_EXTRA_DATA_HEADER, v);
+        }
+        match self.upstream.forward(req, &base).await {
+            Ok(mut resp) => {
+                let mut from = vec![primary.to_string()];
+                if let Some(ext) = &self.ctx.config.primary_external_url {
+                    from.push(ext.clone());
+                }
+                headers::rewrite_response(resp.headers_mut(), &from, &self.ctx.config.external_url);
+                resp
+            }
+            Err(e) => {
+                self.upstream_error("primary", &e);
+                primary_unavailable_json(json, "the primary site is unreachable")
+            }
+        }
+    }
+
+    fn add_forwarding(&self, req: &mut Request<Body>, ingress: &Ingress) {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        headers::add_forwarding(
+            req.headers_mut(),
+            &headers::ForwardInfo {
+                peer: ingress.peer,
+                host: host.as_deref(),
+                proto: "http",
+            },
+        );
+    }
+
+    fn upstream_error(&self, target: &'static str, e: &UpstreamError) {
+        tracing::warn!(target_site = target, "upstream request failed: {e}");
+        self.metrics
+            .upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                target,
+                kind: e.kind(),
+            })
+            .inc();
+    }
+
+    /// The extra-data header for the primary at `base` (cached for a few seconds).
+    fn extra_data_for(&self, base: &url::Url) -> Option<HeaderValue> {
+        let aud = self.primary_site(base)?;
+        let mut cache = self.extra_data.lock().expect("extra data cache");
+        if let Some((a, v, at)) = cache.as_ref()
+            && *a == aud
+            && at.elapsed() < EXTRA_DATA_CACHE
+        {
+            return Some(v.clone());
+        }
+        let mut v = HeaderValue::from_str(&self.ctx.signing_key.extra_data(&aud)).ok()?;
+        v.set_sensitive(true);
+        *cache = Some((aud, v.clone(), Instant::now()));
+        Some(v)
+    }
+
+    fn primary_site(&self, base: &url::Url) -> Option<String> {
+        match self.peer_sites.as_slice() {
+            [] => None,
+            [one] => Some(one.clone()),
+            many => {
+                let label = base
+                    .host_str()
+                    .and_then(|h| h.split('.').next())
+                    .unwrap_or("");
+                if let Some(s) = many.iter().find(|s| s.as_str() == label) {
+                    return Some(s.clone());
+                }
+                if !self
+                    .warned_aud
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(sites = ?many, "several peer sites in keys.trusted; \
+                        minting proxy extra data for the first");
+                }
+                Some(many[0].clone())
+            }
+        }
+    }
+}
+
+/// Requests whose framing is ambiguous never reach an upstream (request smuggling).
+fn framing_check(req: &Request<Body>) -> Option<Response<Body>> {
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        let mut r = crate::http_util::error(
+            StatusCode::BAD_REQUEST,
+            "conflicting Content-Length and Transfer-Encoding",
+            false,
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Some(r);
+    }
+    None
+}
+
+/// `x-request-id` from the client when sane, else a fresh one.
+fn request_id(h: &http::HeaderMap) -> String {
+    h.get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+fn method_label(m: &http::Method) -> String {
+    match *m {
+        http::Method::GET
+        | http::Method::HEAD
+        | http::Method::POST
+        | http::Method::PUT
+        | http::Method::PATCH
+        | http::Method::DELETE
+        | http::Method::OPTIONS
+        | http::Method::CONNECT
+        | http::Method::TRACE => m.as_str().to_string(),
+        _ => "OTHER".to_string(),
+    }
+}
+
+/// 503 + `Retry-After` in the client's language.
+pub fn primary_unavailable(h: &http::HeaderMap, msg: &str) -> Response<Body> {
+    primary_unavailable_json(crate::http_util::wants_json(h), msg)
+}
+
+fn primary_unavailable_json(json: bool, msg: &str) -> Response<Body> {
+    let mut r = crate::http_util::error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("{msg}; try again later"),
+        json,
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    r
+}

@@ -1,0 +1,139 @@
+//! The service port's route table: which backend serves a request. One function, read top
+//! to bottom; the phases around it live in [`crate::proxy::front`].
+//!
+//! | role | request | target |
+//! |---|---|---|
+//! | primary | `/api/v4/geo` and below | [`Target::GeoApi`] (in-process Geo API) |
+//! | primary, disabled | everything else | [`Target::Forge`] (embedded `git http-backend` or `forge.upstreamUrl`) |
+//! | secondary | accelerable and fresh (later: Git fetch, LFS downloads) | [`Target::Local`] |
+//! | secondary | everything else, primary known | [`Target::Primary`] |
+//! | secondary | everything else, primary unknown | [`Target::Unavailable`] (503) |
+
+use geoforge_crds::geosite::SiteRole;
+use http::request::Parts;
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The primary's Geo API, served in-process.
+    GeoApi,
+    /// The forge this site fronts.
+    Forge,
+    /// Served from this secondary's replica (acceleration; see [`Accelerator`]).
+    Local(&'static str),
+    /// Streamed to the primary at this internal URL.
+    Primary(String),
+    /// The primary is unknown: 503 with `Retry-After`.
+    Unavailable,
+}
+
+impl Target {
+    /// The `target` metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Target::GeoApi | Target::Local(_) => "local",
+            Target::Forge => "forge",
+            Target::Primary(_) | Target::Unavailable => "primary",
+        }
+    }
+}
+
+/// The acceleration hook of a secondary: return `Some(route name)` to serve a request from
+/// the replica (DESIGN §3). The accelerated-read work plugs in here; until then every
+/// request of a secondary is proxied.
+pub trait Accelerator: Send + Sync {
+    fn accelerate(&self, req: &Parts) -> Option<&'static str>;
+}
+
+/// Whether a path is the primary's Geo API.
+pub fn is_geo_api(path: &str) -> bool {
+    path == "/api/v4/geo" || path.starts_with("/api/v4/geo/")
+}
+
+/// The route table.
+pub fn pick_target(
+    role: SiteRole,
+    req: &Parts,
+    accelerator: Option<&dyn Accelerator>,
+    primary_url: Option<&str>,
+) -> Target {
+    match role {
+        SiteRole::Primary if is_geo_api(req.uri.path()) => Target::GeoApi,
+        SiteRole::Primary | SiteRole::Disabled => Target::Forge,
+        SiteRole::Secondary => {
+            if let Some(route) = accelerator.and_then(|a| a.accelerate(req)) {
+                return Target::Local(route);
+            }
+            match primary_url {
+                Some(u) => Target::Primary(u.to_string()),
+                None => Target::Unavailable,
+            }
+        }
+    }
+}
+
+/// A low-cardinality name of the route, for the `route` metric label and logs.
+pub fn route_label(path: &str, query: Option<&str>) -> &'static str {
+    if is_geo_api(path) {
+        return "geo_api";
+    }
+    if path.ends_with("/info/refs") {
+        return match query {
+            Some(q) if q.contains("service=git-receive-pack") => "git_info_refs_receive_pack",
+            _ => "git_info_refs",
+        };
+    }
+    if path.ends_with("/git-upload-pack") {
+        return "git_upload_pack";
+    }
+    if path.ends_with("/git-receive-pack") {
+        return "git_receive_pack";
+    }
+    if path.contains("/info/lfs/") {
+        return "lfs";
+    }
+    if path.starts_with("/-/push_from_secondary/") || path.starts_with("/-/from_secondary/") {
+        return "push_from_secondary";
+    }
+    "other"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(path: &str) -> Parts {
+        http::Request::get(path).body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn table() {
+        let p = parts("/api/v4/geo/events");
+        assert_eq!(
+            pick_target(SiteRole::Primary, &p, None, None),
+            Target::GeoApi
+        );
+        let p = parts("/api/v4/geology");
+        assert_eq!(
+            pick_target(SiteRole::Primary, &p, None, None),
+            Target::Forge
+        );
+        let p = parts("/g/p.git/info/refs");
+        assert_eq!(
+            pick_target(SiteRole::Disabled, &p, None, None),
+            Target::Forge
+        );
+        assert_eq!(
+            pick_target(SiteRole::Secondary, &p, None, Some("http://p")),
+            Target::Primary("http://p".into())
+        );
+        assert_eq!(
+            pick_target(SiteRole::Secondary, &p, None, None),
+            Target::Unavailable
+        );
+        assert_eq!(
+            route_label("/g/p.git/git-upload-pack", None),
+            "git_upload_pack"
+        );
+    }
+}
