@@ -42,6 +42,8 @@ pub struct Pending {
 
 enum PendingKind {
     None,
+    /// An LFS batch answer: point downloads of synced objects at this site.
+    LfsBatch,
     /// `GET info/refs?service=git-upload-pack`: learn the tips; replay if the primary is down.
     InfoRefs {
         key: ClientKey,
@@ -83,16 +85,19 @@ pub struct Accelerator {
     pool: UploadPackPool,
     secondary: Arc<Secondary>,
     metrics: AccelMetrics,
+    signing_key: Arc<geoforge_crds::auth::SigningKey>,
+    keyring: Arc<geoforge_crds::auth::KeyRing>,
     /// Set when a proxied request found the primary unreachable; cleared on the next success.
     primary_down: AtomicBool,
 }
 
 impl Accelerator {
     pub fn new(
-        config: Arc<SidecarConfig>,
+        ctx: &crate::context::SiteContext,
         secondary: Arc<Secondary>,
-        metrics: &crate::metrics::Metrics,
     ) -> anyhow::Result<Accelerator> {
+        let config: Arc<SidecarConfig> = ctx.config.clone();
+        let metrics = &ctx.metrics;
         let a = &config.acceleration;
         Ok(Accelerator {
             mapper: RepoMapper::new(&config).map_err(anyhow::Error::msg)?,
@@ -100,6 +105,8 @@ impl Accelerator {
             pool: UploadPackPool::new(a.max_upload_packs),
             metrics: AccelMetrics::register(metrics),
             secondary,
+            signing_key: ctx.signing_key.clone(),
+            keyring: ctx.keyring.clone(),
             primary_down: AtomicBool::new(false),
             config,
         })
@@ -115,6 +122,15 @@ impl Accelerator {
         let path = req.uri().path().to_string();
         let query = req.uri().query().unwrap_or("").to_string();
 
+        // LFS downloads from the replica (links minted by `complete` below).
+        if path.starts_with(super::lfs::DOWNLOAD_PREFIX)
+            && matches!(*req.method(), Method::GET | Method::HEAD)
+        {
+            return Intercept::Served(
+                "lfs_download",
+                self.lfs_download(&path, &query, req.headers()).await,
+            );
+        }
         // Push forwarding (DESIGN §3).
         if let Some(stripped) = strip_push_prefix(&path) {
             let req = with_path(req, &stripped);
@@ -148,6 +164,14 @@ impl Accelerator {
                     return Intercept::Served("push_redirect", resp);
                 }
                 Intercept::Proxy(req, Pending::none())
+            }
+            (&Method::POST, "/info/lfs/objects/batch") if self.config.acceleration.enabled => {
+                Intercept::Proxy(
+                    req,
+                    Pending {
+                        kind: PendingKind::LfsBatch,
+                    },
+                )
             }
             (&Method::POST, "/git-receive-pack") => Intercept::Proxy(
                 req,
@@ -370,6 +394,12 @@ impl Accelerator {
                     secondary.request_sync(&target.replicable, &target.item_id)
                 })
             }
+            PendingKind::LfsBatch => {
+                if resp.status() != StatusCode::OK {
+                    return resp;
+                }
+                self.rewrite_lfs_batch(resp).await
+            }
             PendingKind::InfoRefs { key, target, .. } => {
                 if unreachable {
                     let Some(entry) =
@@ -493,6 +523,73 @@ impl Accelerator {
                 resp
             }
         }
+    }
+
+    async fn lfs_download(&self, path: &str, query: &str, headers: &http::HeaderMap) -> Resp {
+        let (replicable, oid) =
+            match super::lfs::verify_link(&self.config, &self.secondary_keyring(), path, query) {
+                Ok(v) => v,
+                Err(msg) => return crate::http_util::error(StatusCode::UNAUTHORIZED, msg, true),
+            };
+        let Some(item) = super::lfs::item_for(&self.config, &replicable, &oid) else {
+            return crate::http_util::error(StatusCode::NOT_FOUND, "object not found", true);
+        };
+        if !self.secondary.is_synced(&replicable, &item).await {
+            return crate::http_util::error(StatusCode::NOT_FOUND, "object not found", true);
+        }
+        let Some(file) = self.secondary.replica_path(&replicable, &item) else {
+            return crate::http_util::error(StatusCode::NOT_FOUND, "object not found", true);
+        };
+        self.metrics.served_local("lfs_download", Duration::ZERO);
+        super::lfs::serve_file(file, headers).await
+    }
+
+    async fn rewrite_lfs_batch(&self, resp: Resp) -> Resp {
+        const MAX_BATCH: usize = 4 * 1024 * 1024;
+        let (mut parts, body) = resp.into_parts();
+        let Ok((bytes, rest)) = read_prefix(body, MAX_BATCH).await else {
+            return crate::http_util::error(
+                StatusCode::BAD_GATEWAY,
+                "the primary's LFS answer was cut off",
+                true,
+            );
+        };
+        if let Err(rest) = rest {
+            let body = Body::from_stream(
+                futures::stream::once(async move { Ok::<_, axum::Error>(bytes) })
+                    .chain(rest.into_data_stream()),
+            );
+            return http::Response::from_parts(parts, body);
+        }
+        let Ok(mut batch) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return http::Response::from_parts(parts, Body::from(bytes));
+        };
+        let mut changed = false;
+        for (i, oid) in super::lfs::download_oids(&batch) {
+            for (replicable, _) in super::lfs::lfs_replicables(&self.config) {
+                let Some(item) = super::lfs::item_for(&self.config, &replicable, &oid) else {
+                    continue;
+                };
+                if self.secondary.is_synced(&replicable, &item).await {
+                    let href = super::lfs::link(&self.config, &self.signing_key, &replicable, &oid);
+                    super::lfs::point_download_at(&mut batch, i, href);
+                    changed = true;
+                    break;
+                }
+            }
+        }
+        if !changed {
+            return http::Response::from_parts(parts, Body::from(bytes));
+        }
+        let out = serde_json::to_vec(&batch).expect("JSON value serializes");
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+        http::Response::from_parts(parts, Body::from(out))
+    }
+
+    fn secondary_keyring(&self) -> Arc<geoforge_crds::auth::KeyRing> {
+        self.keyring.clone()
     }
 
     fn cache_handle(&self) -> Arc<AuthCache> {

@@ -14,6 +14,7 @@
 pub mod advert;
 pub mod authcache;
 pub mod engine;
+pub mod lfs;
 pub mod local;
 pub mod metrics;
 pub mod pktline;
