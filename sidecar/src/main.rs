@@ -56,6 +56,9 @@ enum Command {
         #[arg(long)]
         kid: Option<String>,
     },
+    /// Print this instance's replication status (`/-/geo/status` on the admin port, signed
+    /// with the site's own key as the operator does).
+    Status(RunArgs),
     /// Hash a password for the embedded forge's credentials file (reads it from stdin).
     HashPassword {
         /// The user name to print in front of the hash.
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         None => run(cli.run, false),
         Some(Command::Run(args)) => run(args, false),
         Some(Command::Check(args)) => run(args, true),
+        Some(Command::Status(args)) => status(args),
         Some(Command::Keygen { out, kid }) => keygen(&out, kid.as_deref()),
         Some(Command::HashPassword { user }) => {
             let mut pw = String::new();
@@ -120,6 +124,64 @@ fn run(args: RunArgs, check_only: bool) -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("geo-sidecar: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn status(args: RunArgs) -> ExitCode {
+    let overrides = Overrides {
+        admin_listen: args.admin_listen.clone(),
+        ..Default::default()
+    };
+    let settings = match Settings::load(&args.config, &overrides) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("geo-sidecar: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = &settings.config;
+    let addr = cfg.listen.admin.replace("0.0.0.0", "127.0.0.1");
+    let auth = settings.signing_key.authorization(
+        &cfg.site_id,
+        &geoforge_crds::auth::TokenData::scope(geoforge_crds::auth::Scope::Admin),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let result = rt.block_on(async move {
+        use http_body_util::BodyExt;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let req = http::Request::get(format!("http://{addr}/-/geo/status"))
+            .header(http::header::AUTHORIZATION, auth)
+            .body(http_body_util::Empty::new())?;
+        let resp =
+            tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req)).await??;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, body))
+    });
+    match result {
+        Ok((status, body)) if status.is_success() => {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+                Err(_) => println!("{}", String::from_utf8_lossy(&body)),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!(
+                "geo-sidecar: status answered {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("geo-sidecar: cannot read status: {e}");
             ExitCode::from(1)
         }
     }
