@@ -113,7 +113,7 @@ Try:
   git clone http://127.0.0.1:$S_PORT/demo/hello.git          # served by the secondary's replica
   cd hello && echo hi >> README.md && git commit -am hi
   git push http://demo:geoforge@127.0.0.1:$S_PORT/demo/hello.git main   # forwarded to the primary
-  target/debug/geo-sidecar status --config $QS_DIR/secondary/sidecar.yaml   # replication status
+  $BIN status --config $QS_DIR/secondary/sidecar.yaml   # replication status
   curl -s http://127.0.0.1:$S_ADMIN/-/metrics | grep geo_accel        # reads served locally vs proxied
 
 Ctrl-C stops both sites.

@@ -650,6 +650,13 @@ fn helm_lint_and_template_render_the_chart() {
         }
         helm(&args).unwrap()
     };
+    let empty = render(&[]);
+    assert!(
+        !empty.status.success()
+            && String::from_utf8_lossy(&empty.stderr).contains("localSites is empty"),
+        "rendering without localSites must fail with a message: {}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
     let one = render(&["localSites={paris,tokyo}"]);
     assert!(
         one.status.success(),
@@ -687,6 +694,7 @@ fn helm_lint_and_template_render_the_chart() {
     assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
 
     let ha = render(&[
+        "localSites={paris}",
         "replicas=2",
         "metrics.serviceMonitor.enabled=true",
         "watchNamespace=geo",
@@ -704,7 +712,7 @@ fn helm_lint_and_template_render_the_chart() {
         "watchNamespace makes the RBAC a Role"
     );
 
-    let typo = render(&["localSite=paris"]);
+    let typo = render(&["localSites={paris}", "localSite=paris"]);
     assert!(
         !typo.status.success(),
         "the values schema must reject unknown keys"

@@ -107,7 +107,7 @@ fn backfill_incremental_deletes_selective_sync_and_restart() {
     let metrics =
         String::from_utf8(http(&admin, "GET", "/-/metrics", &[], b"").unwrap().1).unwrap();
     wait_until(TIMEOUT, "metrics", || {
-        let m = String::from_utf8(http(&admin, "GET", "/-/metrics", &[], b"").ok()?.1).ok()?;
+        let m = String::from_utf8(http(&admin, "GET", "/-/metrics", &[], b"")?.1).ok()?;
         m.contains("geo_replicable_synced{replicable=\"blobs\"} 5")
             .then_some(())
     });

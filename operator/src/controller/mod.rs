@@ -324,3 +324,7 @@ mod tests {
         assert_eq!(out, [Some(1), Some(2), Some(1)]);
     }
 }
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests_reconcile;

@@ -544,5 +544,6 @@ pub mod fake {
         String::from_utf8(out).unwrap()
     }
 
+    #[allow(unused_imports)]
     pub use EventKind::{Created, Deleted, Updated};
 }
