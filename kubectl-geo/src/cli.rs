@@ -20,6 +20,9 @@ pub struct Cli {
     /// kubeconfig context to use (default: the current context).
     #[arg(long, global = true)]
     pub context: Option<String>,
+    /// kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -67,17 +70,21 @@ pub async fn main_with(cli: Cli, out: &mut (dyn Write + Send)) -> anyhow::Result
     if let Command::Keygen { site, index } = &cli.command {
         return keygen_cmd(site.as_deref(), cli.namespace.as_deref(), *index, out);
     }
-    let config = match &cli.context {
-        Some(ctx) => {
-            let opts = KubeConfigOptions {
-                context: Some(ctx.clone()),
-                ..KubeConfigOptions::default()
-            };
-            Config::from_custom_kubeconfig(Kubeconfig::read()?, &opts).await?
-        }
-        None => Config::infer()
+    let config = if cli.context.is_none() && cli.kubeconfig.is_none() {
+        Config::infer()
             .await
-            .context("no cluster: set KUBECONFIG")?,
+            .context("no cluster: set KUBECONFIG")?
+    } else {
+        let opts = KubeConfigOptions {
+            context: cli.context.clone(),
+            ..KubeConfigOptions::default()
+        };
+        let kubeconfig = match &cli.kubeconfig {
+            Some(path) => Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+            None => Kubeconfig::read().context("reading the kubeconfig")?,
+        };
+        Config::from_custom_kubeconfig(kubeconfig, &opts).await?
     };
     let client = Client::try_from(config)?;
     run(client, &cli, out).await
@@ -144,9 +151,16 @@ pub async fn run(client: Client, cli: &Cli, out: &mut (dyn Write + Send)) -> any
             })?;
             writeln!(
                 out,
-                "{} is the primary in this cluster. Apply the same roles in every other cluster, e.g.\n  kubectl geo export-site {} | kubectl --context OTHER apply -f -",
-                plan.target.name, plan.target.name
+                "{} is the primary in this cluster. Apply the same roles in every other cluster:",
+                plan.target.name
             )?;
+            for s in plan.demote.iter().chain([&plan.target]) {
+                writeln!(
+                    out,
+                    "  kubectl geo -n {} export-site {} | kubectl --context OTHER apply -f -",
+                    s.namespace, s.name
+                )?;
+            }
         }
         Command::ExportSite { site } => {
             let sites = list::<GeoSite>(&client, ns).await?;

@@ -86,6 +86,8 @@ mod tests {
         assert_eq!(back.namespace().as_deref(), Some("geo-paris"));
         assert!(back.metadata.uid.is_none() && back.metadata.resource_version.is_none());
         assert!(yaml.contains("kind: GeoSite"), "{yaml}");
+        assert!(!yaml.contains("status"), "no status, not even null: {yaml}");
+        assert!(!yaml.contains("null"), "{yaml}");
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub enum Error {
     KeySecret { secret: String, message: String },
     #[error("object has no namespace")]
     MissingNamespace,
+    /// The `Replicable` cache stopped before it was filled (shutting down).
+    #[error("the Replicable cache is not available")]
+    CacheNotReady,
 }
 
 impl Error {
@@ -30,6 +33,7 @@ impl Error {
             Error::Invalid { reason, .. } => format!("invalid_{}", reason.to_lowercase()),
             Error::KeySecret { .. } => "key_secret".into(),
             Error::MissingNamespace => "missing_namespace".into(),
+            Error::CacheNotReady => "cache_not_ready".into(),
         }
     }
 

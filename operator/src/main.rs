@@ -202,7 +202,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             // Wait to become the leader (or to stop).
             let mut stop = stop_rx.clone();
             tokio::select! {
-                r = is_leader.wait_for(|l| *l) => { if r.is_err() { break; } }
+                r = is_leader.wait_for(|l| *l) => {
+                    // The lease task only ends on an error it could not retry: let the
+                    // Deployment restart us rather than idle without ever leading.
+                    if r.is_err() {
+                        anyhow::bail!("leader election stopped");
+                    }
+                }
                 _ = stop.wait_for(|s| *s) => break,
             }
             tracing::info!(%identity, "became the leader: starting controllers");
@@ -222,8 +228,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut stop = stop_rx.clone();
             tokio::select! {
                 _ = &mut controllers => {}
-                r = is_leader.wait_for(|l| !*l) => {
-                    let _ = r;
+                // Lost the lease, or the lease task ended (then we cannot know: stop too).
+                _ = is_leader.wait_for(|l| !*l) => {
                     tracing::warn!("lost the leader lease: stopping controllers");
                     let _ = lost_tx.send(true);
                     controllers.await;
@@ -235,10 +241,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 break;
             }
         }
-        // Closing the channel makes the lease task release the lease and return.
+        // Closing the channel makes the lease task release the lease and return, so the next
+        // replica takes over at once instead of after the lease expires.
         drop(is_leader);
-        if let Ok(Ok(manager)) = lease_task.await {
-            let _ = manager.release().await;
+        if let Ok(Err(e)) = lease_task.await {
+            tracing::warn!(error = %e, "could not release the leader lease");
         }
         Ok(())
     };

@@ -84,6 +84,9 @@ pub struct Aggregator {
 pub struct SiteReports {
     pub reports: Vec<(String, StatusReport)>,
     pub failures: usize,
+    /// Not read this pass (its signing key is not loaded yet, e.g. just after a restart): the
+    /// site's last known state is kept rather than reported as silent.
+    pub skipped: bool,
 }
 
 /// Runs passes every `interval` until `shutdown`.
@@ -93,9 +96,18 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     let http = HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    // Start from complete caches, so a pass never sees sites without replicables or the reverse.
+    tokio::select! {
+        _ = &mut shutdown => return,
+        r = async {
+            agg.sites.wait_until_ready().await?;
+            agg.replicables.wait_until_ready().await
+        } => if r.is_err() { return; }
+    }
+    // The first pass waits one interval: the reconciler loads the sites' keys meanwhile.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
@@ -160,6 +172,7 @@ impl Aggregator {
             .cloned();
         let Some(key) = key else {
             // The GeoSite reconciler has not loaded the key yet.
+            out.skipped = true;
             return out;
         };
         let name = site.name_any();
@@ -257,7 +270,12 @@ impl Aggregator {
     ) -> Result<(), kube::Error> {
         let api: Api<Replicable> =
             Api::namespaced(self.client.clone(), &rep.namespace().unwrap_or_default());
-        let patch = serde_json::json!({ "status": status });
+        // With the resourceVersion read: a concurrent writer (the Replicable controller) makes
+        // this a 409, and the next pass retries from fresh data instead of undoing its write.
+        let mut patch = serde_json::json!({ "status": status });
+        if let Some(rv) = &rep.metadata.resource_version {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
         api.patch_status(
             &rep.name_any(),
             &PatchParams::default(),
@@ -271,10 +289,15 @@ impl Aggregator {
         let api: Api<GeoSite> =
             Api::namespaced(self.client.clone(), &site.namespace().unwrap_or_default());
         // Only the fields the aggregation owns; the reconciler writes the rest.
-        let patch = serde_json::json!({ "status": {
+        // The conditions list is replaced whole: send the resourceVersion read, so a concurrent
+        // reconciler write (e.g. Ready) gives a 409 instead of being undone.
+        let mut patch = serde_json::json!({ "status": {
             "conditions": status.conditions,
             "lastStatusTime": status.last_status_time,
         }});
+        if let Some(rv) = &site.metadata.resource_version {
+            patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
+        }
         api.patch_status(
             &site.name_any(),
             &PatchParams::default(),
@@ -433,8 +456,17 @@ pub fn replicable_status(
     let mut sites = vec![];
     let mut paused: Vec<(String, DeletesPaused)> = vec![];
     let mut missing = vec![];
+    let mut skipped = false;
     for s in &applicable {
-        let reports = by_site.get(*s).map(|r| r.reports.as_slice()).unwrap_or(&[]);
+        let site_reports = by_site.get(*s);
+        if site_reports.is_some_and(|r| r.skipped) {
+            if let Some(old) = status.sites.iter().find(|x| &x.site == *s) {
+                sites.push(old.clone());
+            }
+            skipped = true;
+            continue;
+        }
+        let reports = site_reports.map(|r| r.reports.as_slice()).unwrap_or(&[]);
         match site_replication(s, &name, reports) {
             Some((sr, p)) => {
                 if let Some(p) = p {
@@ -582,7 +614,10 @@ pub fn replicable_status(
             generation,
         )
     };
-    set_condition(&mut status.conditions, ready);
+    // A skipped site says nothing new: keep the last Ready rather than flip it.
+    if !skipped || find(&status.conditions, "Ready").is_none() {
+        set_condition(&mut status.conditions, ready);
+    }
     let _ = now;
     status.sites = sites;
     status.summary = Some(sum);
@@ -735,6 +770,7 @@ mod tests {
                     .map(|(i, r)| (format!("http://pod-{i}"), r))
                     .collect(),
                 failures: 0,
+                skipped: false,
             },
         )])
     }
@@ -831,6 +867,28 @@ mod tests {
     }
 
     #[test]
+    fn a_skipped_site_keeps_its_last_state() {
+        let mut rep = replicables()[0].clone();
+        let first = replicable_status(
+            &rep,
+            &["tokyo".into()],
+            &by_site(vec![report("a", 5, 0, 0, None)]),
+            &names(),
+            Utc::now(),
+        );
+        rep.status = Some(first.clone());
+        let skipped = BTreeMap::from([(
+            "tokyo".to_string(),
+            SiteReports {
+                skipped: true,
+                ..SiteReports::default()
+            },
+        )]);
+        let s = replicable_status(&rep, &["tokyo".into()], &skipped, &names(), Utc::now());
+        assert_eq!(s, first, "nothing changes while the key is not loaded");
+    }
+
+    #[test]
     fn site_health_and_replicating() {
         let now = Utc::now();
         let t = tokyo();
@@ -889,6 +947,138 @@ mod tests {
         assert_eq!(
             StatusUrls::Fixed("http://127.0.0.1:9/".into()).base(&tokyo(), 1),
             "http://127.0.0.1:9"
+        );
+    }
+
+    /// A whole pass against a fake sidecar (served here) and a mocked API server: the admin
+    /// token is the site's own, the report lands in the statuses, the confirmation is relayed.
+    #[tokio::test]
+    async fn pass_reads_the_sidecar_writes_status_and_relays_confirmation() {
+        use axum::routing::{get, post};
+        use geoforge_crds::auth::{KeyRing, SigningKey, generate_key};
+        use http::{Request, Response};
+        use kube::client::Body;
+        use kube::runtime::{reflector, watcher};
+        use std::sync::Mutex;
+
+        let g = generate_key();
+        let key = SigningKey::from_pem("tokyo.1", &g.private_pem).unwrap();
+        let mut ring = KeyRing::new(Duration::from_secs(60));
+        ring.add_ed25519("tokyo.1", "tokyo", &g.public_key).unwrap();
+        let ring = Arc::new(ring);
+        let confirmed: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+
+        // The fake sidecar's admin port.
+        let r1 = ring.clone();
+        let r2 = ring.clone();
+        let c2 = confirmed.clone();
+        let app = axum::Router::new()
+            .route(
+                "/-/geo/status",
+                get(move |h: axum::http::HeaderMap| async move {
+                    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                    match r1.verify_authorization(auth, "tokyo", Scope::Admin) {
+                        Ok(_) => axum::Json(report("tokyo-geo-0", 10, 0, 0, Some("w-1"))).into_response(),
+                        Err(e) => (http::StatusCode::UNAUTHORIZED, e.to_string()).into_response(),
+                    }
+                }),
+            )
+            .route(
+                "/-/geo/confirm-deletes",
+                post(move |h: axum::http::HeaderMap, body: axum::Json<serde_json::Value>| async move {
+                    let auth = h.get("authorization").and_then(|v| v.to_str().ok());
+                    if r2.verify_authorization(auth, "tokyo", Scope::Admin).is_err() {
+                        return http::StatusCode::UNAUTHORIZED;
+                    }
+                    c2.lock().unwrap().push(body.0);
+                    http::StatusCode::NO_CONTENT
+                }),
+            );
+        use axum::response::IntoResponse;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+        // The mocked API server.
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let mut site = tokyo();
+        site.spec.replicas = 1;
+        site.metadata.resource_version = Some("9".into());
+        let (sites, mut sw) = reflector::store();
+        sw.apply_watcher_event(&watcher::Event::Apply(site.clone()));
+        sw.apply_watcher_event(&watcher::Event::Apply(paris()));
+        let mut rep = replicables()[0].clone();
+        rep.metadata.annotations =
+            Some([(CONFIRM_DELETES_ANNOTATION.to_string(), "w-1".to_string())].into());
+        let (reps, mut rw) = reflector::store();
+        rw.apply_watcher_event(&watcher::Event::Apply(rep.clone()));
+        let keys: KeyCache = Arc::default();
+        keys.write().unwrap().insert("geo/tokyo".into(), key);
+        let agg = Aggregator {
+            client: client.clone(),
+            sites,
+            replicables: reps,
+            local_sites: ["tokyo".to_string()].into(),
+            keys,
+            metrics: Arc::new(Metrics::default()),
+            urls: StatusUrls::Fixed(format!("http://{addr}")),
+            recorder: Recorder::new(client, "test".into()),
+        };
+        let server = tokio::spawn(async move {
+            let mut seen = vec![];
+            while let Some((req, send)) = handle.next_request().await {
+                let line = format!("{} {}", req.method(), req.uri().path());
+                let body = req.into_body().collect_bytes().await.unwrap();
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                seen.push((line, v.clone()));
+                send.send_response(
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&v).unwrap()))
+                        .unwrap(),
+                );
+            }
+            seen
+        });
+        let http = HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new());
+        agg.pass(&http).await;
+        assert_eq!(agg.metrics.status_fetch_errors.get(), 0);
+        drop(agg);
+        let seen = server.await.unwrap();
+        let lines: Vec<&str> = seen.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(
+            lines,
+            [
+                "POST /apis/events.k8s.io/v1/namespaces/geo/events",
+                "PATCH /apis/geoforge.dev/v1alpha1/namespaces/geo/replicables/repositories/status",
+                "PATCH /apis/geoforge.dev/v1alpha1/namespaces/geo/geosites/tokyo/status",
+            ]
+        );
+        assert_eq!(seen[0].1["reason"], "DeletesPaused");
+        let rs: ReplicableStatus = serde_json::from_value(seen[1].1["status"].clone()).unwrap();
+        assert_eq!(rs.sites[0].site, "tokyo");
+        assert_eq!(rs.summary.unwrap().synced, 10);
+        assert_eq!(
+            find(&rs.conditions, "Synced").unwrap().reason,
+            "DeletesPaused"
+        );
+        assert_eq!(
+            seen[2].1["metadata"]["resourceVersion"], "9",
+            "optimistic concurrency"
+        );
+        let gs = &seen[2].1["status"];
+        assert!(gs["lastStatusTime"].is_string());
+        let healthy: Vec<_> = gs["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["type"] == "Healthy")
+            .collect();
+        assert_eq!(healthy[0]["status"], "True");
+        let confirmed = confirmed.lock().unwrap().clone();
+        assert_eq!(
+            confirmed,
+            [serde_json::json!({"replicable": "repositories", "window_id": "w-1"})]
         );
     }
 }

@@ -173,3 +173,21 @@ pub fn raw_request(addr: &str, raw: &[u8], timeout: Duration) -> String {
     }
     String::from_utf8_lossy(&out).to_string()
 }
+
+/// Removes ANSI colour escapes (sidecar logs are coloured by default).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' && it.peek() == Some(&'[') {
+            for d in it.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}

@@ -77,6 +77,9 @@ const TYPE_TO_RESOURCE: &[(&str, &str)] = &[
     ("Lease", "leases"),
 ];
 
+/// Generic wrappers around a resource type in `Api<…>`: the scan looks inside them.
+const WRAPPERS: &[&str] = &["PartialObjectMeta", "ObjectList"];
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -283,47 +286,27 @@ fn values_yaml_keys_match_values_schema_json() {
     assert!(missing.is_empty(), "{missing:#?}");
 
     // The schema rejects typos, wrong types and bad enums.
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
-        (
-            "typo at the top",
-            Box::new(|v| {
-                v["localSite"] = "paris".into();
-            }),
-        ),
+    let cases: [(&str, &[&str], Value); 6] = [
+        ("typo at the top", &["localSite"], "paris".into()),
         (
             "typo nested",
-            Box::new(|v| {
-                v["metrics"]["serviceMonitor"]["enable"] = true.into();
-            }),
+            &["metrics", "serviceMonitor", "enable"],
+            true.into(),
         ),
-        (
-            "wrong type",
-            Box::new(|v| {
-                v["replicas"] = "two".into();
-            }),
-        ),
+        ("wrong type", &["replicas"], "two".into()),
         (
             "misspelt resource name",
-            Box::new(|v| {
-                v["resources"]["limits"]["cpus"] = "1".into();
-            }),
+            &["resources", "limits", "cpus"],
+            "1".into(),
         ),
-        (
-            "bad enum",
-            Box::new(|v| {
-                v["logFormat"] = "xml".into();
-            }),
-        ),
-        (
-            "sites not a list",
-            Box::new(|v| {
-                v["localSites"] = "a,b".into();
-            }),
-        ),
+        ("bad enum", &["logFormat"], "xml".into()),
+        ("sites not a list", &["localSites"], "a,b".into()),
     ];
-    for (what, mutate) in cases {
+    for (what, path, value) in cases {
         let mut bad = values.clone();
-        mutate(&mut bad);
+        let (last, parents) = path.split_last().unwrap();
+        let parent = parents.iter().fold(&mut bad, |v, k| &mut v[*k]);
+        parent[*last] = value;
         let mut errors = Vec::new();
         validate(&bad, &schema, &schema, "values", &mut errors);
         assert!(
@@ -479,6 +462,66 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The resources a Rust source text uses through `Api<T>` / `scoped::<T>` (and the event
+/// recorder, the lease manager), and the types it uses that have no mapping.
+fn scan_types(text: &str, file: &str) -> (BTreeSet<&'static str>, BTreeSet<String>) {
+    let mut used = BTreeSet::new();
+    let mut unknown = BTreeSet::new();
+    for marker in ["Api<", "Api::<", "scoped::<"] {
+        for (i, _) in text.match_indices(marker) {
+            let mut rest = &text[i + marker.len()..];
+            // Wrappers name the resource inside: Api<PartialObjectMeta<StatefulSet>>.
+            let ty = loop {
+                let path: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                    .collect();
+                let ty = path.rsplit("::").next().unwrap_or("").to_string();
+                if WRAPPERS.contains(&ty.as_str()) && rest[path.len()..].starts_with('<') {
+                    rest = &rest[path.len() + 1..];
+                    continue;
+                }
+                break ty;
+            };
+            if ty.is_empty() || ty.chars().next().is_some_and(|c| c.is_lowercase()) {
+                continue; // a generic parameter such as Api<K>
+            }
+            match TYPE_TO_RESOURCE.iter().find(|(t, _)| *t == ty) {
+                Some((_, r)) => {
+                    used.insert(*r);
+                }
+                None if ty.len() == 1 => {} // Api<K>, Api<T>
+                None => {
+                    unknown.insert(format!("{ty} ({file})"));
+                }
+            }
+        }
+    }
+    if text.contains("Recorder") {
+        used.insert("events");
+    }
+    if text.contains("LeaseManager") || text.contains("Api<Lease>") {
+        used.insert("leases");
+    }
+    (used, unknown)
+}
+
+#[test]
+fn type_scan_sees_wrapped_generic_and_unknown_types() {
+    let src = "let a: Api<StatefulSet> = x; let b = scoped::<PartialObjectMeta<ConfigMap>>(c, n);\n\
+               let c: Api<K> = y; let d: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = z;\n\
+               let r = Recorder::new(c, rep);";
+    let (used, unknown) = scan_types(src, "x.rs");
+    assert_eq!(
+        used,
+        BTreeSet::from(["configmaps", "events", "statefulsets"])
+    );
+    assert_eq!(
+        unknown,
+        BTreeSet::from(["PersistentVolumeClaim (x.rs)".to_string()])
+    );
+}
+
 /// Scans the operator's code for the Kubernetes types it talks to the API server with and
 /// checks each is covered by the contract table: catches a new `Api<PersistentVolumeClaim>`
 /// that nobody added to the chart. (Verbs are the table's job; this catches new resources.)
@@ -490,35 +533,9 @@ fn operator_code_uses_only_resources_in_the_contract() {
     let mut used = BTreeSet::new();
     let mut unknown = BTreeSet::new();
     for f in &files {
-        let text = read(f);
-        for marker in ["Api<", "Api::<"] {
-            for (i, _) in text.match_indices(marker) {
-                let rest = &text[i + marker.len()..];
-                let ty: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
-                    .collect();
-                let ty = ty.rsplit("::").next().unwrap_or("").to_string();
-                if ty.is_empty() || ty.chars().next().is_some_and(|c| c.is_lowercase()) {
-                    continue; // a generic parameter such as Api<K>
-                }
-                match TYPE_TO_RESOURCE.iter().find(|(t, _)| *t == ty) {
-                    Some((_, r)) => {
-                        used.insert(*r);
-                    }
-                    None if ty.len() == 1 => {} // Api<K>, Api<T>
-                    None => {
-                        unknown.insert(format!("{ty} ({})", f.display()));
-                    }
-                }
-            }
-        }
-        if text.contains("Recorder") {
-            used.insert("events");
-        }
-        if text.contains("LeaseManager") || text.contains("Api<Lease>") {
-            used.insert("leases");
-        }
+        let (u, k) = scan_types(&read(f), &f.display().to_string());
+        used.extend(u);
+        unknown.extend(k);
     }
     assert!(
         unknown.is_empty(),
@@ -530,6 +547,15 @@ fn operator_code_uses_only_resources_in_the_contract() {
         eprintln!("operator/src not found: skipped the scan");
     } else {
         eprintln!("operator uses: {used:?}");
+        // Granted but not seen by this (type-level) scan: worth a look, not a failure (a use
+        // through a generic helper or a planned use may not show up here).
+        let unseen: Vec<&&str> = granted
+            .iter()
+            .filter(|r| !r.ends_with("/status") && !used.contains(**r))
+            .collect();
+        if !unseen.is_empty() {
+            eprintln!("granted, not seen in operator/src: {unseen:?}");
+        }
     }
 }
 

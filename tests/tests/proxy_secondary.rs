@@ -649,7 +649,7 @@ async fn config_switch_after_a_poll_and_last_good_config_kept() {
     assert_eq!(answers.len(), 1, "{answers:?}");
     assert_eq!(answers.keys().next().unwrap().as_deref(), Some("B"));
     // One log line for the failure state, not one per poll.
-    let log = sc.log();
+    let log = httpd::strip_ansi(&sc.log());
     assert_eq!(
         log.matches("polling the proxy config failed").count(),
         1,

@@ -320,6 +320,7 @@ fn file_not_found_backs_off_and_a_409_resyncs_the_new_version() {
     let old = b"version one".to_vec();
     let new = b"version two".to_vec();
     f.with(|s| {
+        s.unlisted.push("d".into());
         s.blobs.insert("d".into(), new.clone());
     });
     f.event(fake::Created, "d", Some(sha256(&old)));

@@ -52,7 +52,7 @@ pub fn client_service(site: &GeoSite) -> Service {
             selector: Some(selector_labels(&name)),
             ports: Some(vec![port("http", SERVICE_PORT)]),
             session_affinity: Some(if sticky { "ClientIP" } else { "None" }.into()),
-            session_affinity_config: sticky.then(|| SessionAffinityConfig {
+            session_affinity_config: sticky.then_some(SessionAffinityConfig {
                 client_ip: Some(ClientIPConfig {
                     timeout_seconds: Some(3 * 3600),
                 }),

@@ -220,6 +220,8 @@ pub fn statefulset(site: &GeoSite, defaults: &Defaults, config_checksum: &str) -
     let sidecar = Container {
         name: "sidecar".into(),
         image: Some(spec.image.clone().unwrap_or(defaults.sidecar_image.clone())),
+        // The geoforge image carries several binaries and sets no entrypoint: name the sidecar.
+        command: Some(vec!["geo-sidecar".into()]),
         args: Some(vec![
             "run".into(),
             "--config".into(),
@@ -399,6 +401,11 @@ mod tests {
         let pod = tpl.spec.as_ref().unwrap();
         assert_eq!(pod.containers.len(), 1);
         let c = &pod.containers[0];
+        assert_eq!(c.command.as_deref(), Some(&["geo-sidecar".to_string()][..]));
+        assert_eq!(
+            c.args.as_ref().unwrap().join(" "),
+            "run --config /etc/geoforge/config/sidecar.yaml"
+        );
         let sc = c.security_context.as_ref().unwrap();
         assert_eq!(sc.run_as_non_root, Some(true));
         assert_eq!(sc.read_only_root_filesystem, Some(true));

@@ -188,7 +188,12 @@ async fn reconcile_inner(site: &GeoSite, ctx: &Context) -> Result<Action> {
         .expect("key cache lock")
         .insert(super::key_of(site), signing);
 
-    // Build.
+    // Build. Never from a half-listed Replicable cache: a config without the replicables
+    // would roll every pod twice at each operator start.
+    ctx.replicables
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::CacheNotReady)?;
     let replicables = all_replicables(ctx);
     let config = sidecar_config(site, &all, &replicables, &key, &ctx.defaults);
     let cm = configmap(site, &config);

@@ -18,6 +18,7 @@ use geoforge_crds::geosite::SiteRole;
 use geoforge_crds::{GeoSite, Replicable};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, predicates, reflector, watcher};
@@ -87,24 +88,48 @@ pub fn generation_changes<K>(
 where
     K: Resource + Clone + Send + 'static,
 {
+    generation_changes_with(events, |_: &K| {})
+}
+
+/// [`generation_changes`], calling `on_change` for every change after the initial listing
+/// (not for the objects of a (re)list: those are all reconciled anyway).
+pub fn generation_changes_with<K>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    on_change: impl Fn(&K) + Send + Sync + 'static,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Clone + Send + 'static,
+{
     let seen: Arc<Mutex<HashMap<String, Option<u64>>>> = Arc::default();
+    let on_change = Arc::new(on_change);
     events.flat_map(move |ev| {
         let seen = seen.clone();
+        // Records the object's generation; true when it is the one already seen.
+        let unchanged = |o: &K| {
+            let g = predicates::generation(o);
+            let prev = seen.lock().expect("predicate lock").insert(obj_key(o), g);
+            g.is_some() && prev == Some(g)
+        };
         let out: Vec<Result<K, watcher::Error>> = match ev {
             Err(e) => vec![Err(e)],
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let key = obj_key(&o);
-                let g = predicates::generation(&o);
-                let mut seen = seen.lock().expect("predicate lock");
-                if g.is_some() && seen.get(&key) == Some(&g) {
+            Ok(watcher::Event::Apply(o)) => {
+                if unchanged(&o) {
                     vec![]
                 } else {
-                    seen.insert(key, g);
+                    on_change(&o);
+                    vec![Ok(o)]
+                }
+            }
+            Ok(watcher::Event::InitApply(o)) => {
+                if unchanged(&o) {
+                    vec![]
+                } else {
                     vec![Ok(o)]
                 }
             }
             Ok(watcher::Event::Delete(o)) => {
                 seen.lock().expect("predicate lock").remove(&obj_key(&o));
+                on_change(&o);
                 vec![Ok(o)]
             }
             Ok(watcher::Event::Init | watcher::Event::InitDone) => vec![],
@@ -154,7 +179,6 @@ pub async fn run(
     } = ctx_parts;
     let sites_api: Api<GeoSite> = scoped(&client, namespace.as_deref());
     let reps_api: Api<Replicable> = scoped(&client, namespace.as_deref());
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=geoforge-operator");
 
     let (site_reader, site_writer) = reflector::store();
     let site_events = watcher(sites_api.clone(), watcher::Config::default())
@@ -170,12 +194,10 @@ pub async fn run(
     let (fan_tx, fan_rx) = futures::channel::mpsc::unbounded::<ObjectRef<GeoSite>>();
     let fan_reader = site_reader.clone();
     let fan_local = local_sites.clone();
-    let site_trigger = generation_changes(site_events).inspect(move |r| {
-        if let Ok(changed) = r {
-            for s in fan_reader.state() {
-                if fan_local.contains(&s.name_any()) && s.name_any() != changed.name_any() {
-                    let _ = fan_tx.unbounded_send(ObjectRef::from_obj(s.as_ref()));
-                }
+    let site_trigger = generation_changes_with(site_events, move |changed: &GeoSite| {
+        for s in fan_reader.state() {
+            if fan_local.contains(&s.name_any()) && s.name_any() != changed.name_any() {
+                let _ = fan_tx.unbounded_send(ObjectRef::from_obj(s.as_ref()));
             }
         }
     });
@@ -195,22 +217,17 @@ pub async fn run(
     });
 
     let site_controller = Controller::for_stream(site_trigger, site_reader.clone())
-        .owns(
-            scoped::<StatefulSet>(&client, namespace.as_deref()),
-            owned.clone(),
-        )
-        .owns(
-            scoped::<Service>(&client, namespace.as_deref()),
-            owned.clone(),
-        )
-        .owns(
-            scoped::<ConfigMap>(&client, namespace.as_deref()),
-            owned.clone(),
-        )
+        // Owned objects are watched as metadata only (ConfigMaps of large deployments are big),
+        // filtered by label: any change (e.g. StatefulSet readiness) triggers the owner.
+        .owns_stream(owned_changes::<StatefulSet>(&client, namespace.as_deref()))
+        .owns_stream(owned_changes::<Service>(&client, namespace.as_deref()))
+        .owns_stream(owned_changes::<ConfigMap>(&client, namespace.as_deref()))
         .watches_stream(generation_changes(rep_events), move |rep| {
             sites_of_replicable(&rep, &map_reader, &map_local)
         })
         .reconcile_on(fan_rx)
+        // Coalesce bursts (a peer change fans out to every local site).
+        .with_config(kube::runtime::controller::Config::default().debounce(Duration::from_secs(1)))
         .graceful_shutdown_on(shutdown.clone())
         .run(geosite::reconcile, geosite::error_policy, ctx.clone())
         .for_each(|r| {
@@ -226,7 +243,15 @@ pub async fn run(
         metrics: metrics.clone(),
         backoff: Backoff::default(),
     });
-    let rep_controller = Controller::new(reps_api, watcher::Config::default())
+    // Its own watch, generation-filtered too: the status writes of the aggregation never
+    // retrigger it.
+    let (own_rep_reader, own_rep_writer) = reflector::store();
+    let own_reps = generation_changes(
+        watcher(reps_api, watcher::Config::default())
+            .default_backoff()
+            .reflect(own_rep_writer),
+    );
+    let rep_controller = Controller::for_stream(own_reps, own_rep_reader)
         .graceful_shutdown_on(shutdown.clone())
         .run(replicable::reconcile, replicable::error_policy, rep_ctx)
         .for_each(|r| {
@@ -269,6 +294,27 @@ pub struct ContextParts {
 pub struct StatusSettings {
     pub urls: crate::status::StatusUrls,
     pub interval: Duration,
+}
+
+/// Metadata-only changes of the objects the operator manages, by label.
+fn owned_changes<K>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl Stream<Item = Result<PartialObjectMeta<K>, watcher::Error>> + Send + 'static
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let cfg = watcher::Config::default().labels("app.kubernetes.io/managed-by=geoforge-operator");
+    // An `Api<PartialObjectMeta<K>>` makes metadata-only list and watch requests.
+    watcher(scoped::<PartialObjectMeta<K>>(client, namespace), cfg)
+        .default_backoff()
+        .touched_objects()
 }
 
 /// An `Api` over the watch scope: one namespace, or all.
@@ -322,6 +368,60 @@ mod tests {
             .collect()
             .await;
         assert_eq!(out, [Some(1), Some(2), Some(1)]);
+    }
+
+    #[test]
+    fn a_replicable_change_rerenders_the_sites_it_concerns() {
+        use crate::build::testdata::{berlin_container, paris, replicables, tokyo};
+        let (reader, mut writer) = reflector::store();
+        let mut disabled = berlin_container();
+        disabled.spec.role = SiteRole::Disabled;
+        for s in [paris(), tokyo(), disabled] {
+            writer.apply_watcher_event(&watcher::Event::Apply(s));
+        }
+        let names = |rep: &Replicable, local: &[&str]| {
+            let local: BTreeSet<String> = local.iter().map(|s| s.to_string()).collect();
+            let mut n: Vec<String> = sites_of_replicable(rep, &reader, &local)
+                .into_iter()
+                .map(|r| r.name)
+                .collect();
+            n.sort();
+            n
+        };
+        let reps = replicables();
+        // For every secondary: the primary (serves the catalog) and tokyo; never a disabled site.
+        assert_eq!(
+            names(&reps[0], &["paris", "tokyo", "berlin"]),
+            ["paris", "tokyo"]
+        );
+        // Only for london: just the primary here.
+        assert_eq!(names(&reps[1], &["paris", "tokyo", "berlin"]), ["paris"]);
+        // Peers are never triggered.
+        assert_eq!(names(&reps[0], &["tokyo"]), ["tokyo"]);
+    }
+
+    #[tokio::test]
+    async fn fan_out_skips_the_initial_listing() {
+        use crate::build::testdata::{paris, tokyo};
+        let mut t2 = tokyo();
+        t2.metadata.generation = Some(2);
+        let events = futures::stream::iter(vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(paris())),
+            Ok(watcher::Event::InitApply(tokyo())),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(tokyo())),
+            Ok(watcher::Event::Apply(t2)),
+        ]);
+        let changed: Arc<Mutex<Vec<String>>> = Arc::default();
+        let c = changed.clone();
+        let passed = generation_changes_with(events, move |s: &GeoSite| {
+            c.lock().unwrap().push(s.name_any())
+        })
+        .count()
+        .await;
+        assert_eq!(passed, 3);
+        assert_eq!(*changed.lock().unwrap(), ["tokyo"]);
     }
 }
 

@@ -333,11 +333,28 @@ async fn events(State(p): P, req: Request) -> Resp {
                 }
             }
         }
+        let _waiting = WaitingGuard::new(&p.metrics.long_polls);
         tokio::select! {
             r = rx.changed() => if r.is_err() { return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down", true) },
             _ = tokio::time::sleep_until(deadline) => {},
             _ = p.ctx.shutdown.cancelled() => return error(StatusCode::SERVICE_UNAVAILABLE, "shutting down", true),
         }
+    }
+}
+
+/// Counts a parked long-poll while alive.
+struct WaitingGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> WaitingGuard<'a> {
+    fn new(g: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        g.inc();
+        WaitingGuard(g)
+    }
+}
+
+impl Drop for WaitingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -49,6 +49,7 @@ type Labels = Vec<(String, String)>;
 #[derive(Clone, Default)]
 pub struct PrimaryMetrics {
     pub last_event_id: Gauge,
+    pub long_polls: Gauge,
     pub catalog_items: Family<Labels, Gauge>,
     pub scan_done: Family<Labels, Gauge>,
     pub scan_total: Family<Labels, Gauge>,
@@ -66,6 +67,11 @@ impl PrimaryMetrics {
             "geo_last_event_id",
             "Newest event id in the primary's log",
             m.last_event_id.clone(),
+        );
+        r.register(
+            "geo_events_long_polls_waiting",
+            "Event long-polls waiting for a commit",
+            m.long_polls.clone(),
         );
         r.register(
             "geo_catalog_items",

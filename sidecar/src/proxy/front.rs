@@ -128,11 +128,21 @@ impl Front {
         let route_name = route::route_label(req.uri().path(), req.uri().query());
         let request_id = request_id(req.headers());
         let span = tracing::info_span!("request", id = %request_id, method = %method,
-            path = %req.uri().path(), via = tracing::field::Empty);
-        let (target_label, mut resp) =
-            async { self.handle_inner(peer, req, &request_id, route_name).await }
-                .instrument(span)
-                .await;
+            path = %req.uri().path(), client = tracing::field::Empty, via = tracing::field::Empty);
+        let (target_label, mut resp) = async {
+            let (target, resp) = self.handle_inner(peer, req, &request_id, route_name).await;
+            // The access log (one line per request; token headers are never logged).
+            tracing::info!(
+                status = resp.status().as_u16(),
+                target = target,
+                route = route_name,
+                ms = start.elapsed().as_millis() as u64,
+                "request"
+            );
+            (target, resp)
+        }
+        .instrument(span)
+        .await;
         if let Ok(v) = HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-request-id", v);
         }
@@ -162,12 +172,14 @@ impl Front {
         route_name: &'static str,
     ) -> (&'static str, Response<Body>) {
         // 1. request filter
-        if let Some(resp) = framing_check(&req) {
+        if let Some(resp) = framing_check(&req, self.ctx.config.proxy.max_header_bytes) {
             return ("local", resp);
         }
         let ingress = self.ingress(&mut req, peer.ip());
+        let span = tracing::Span::current();
+        span.record("client", tracing::field::display(ingress.client));
         if let Some(site) = &ingress.via_site {
-            tracing::Span::current().record("via", site.as_str());
+            span.record("via", tracing::field::display(site));
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
             req.headers_mut().insert("x-request-id", v);
@@ -413,9 +425,32 @@ impl Front {
 }
 
 /// Requests whose framing is ambiguous never reach an upstream (request smuggling).
-fn framing_check(req: &Request<Body>) -> Option<Response<Body>> {
+fn framing_check(req: &Request<Body>, max_header_bytes: usize) -> Option<Response<Body>> {
     let h = req.headers();
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    // hyper bounds its read buffer; the exact head size is checked here (→ 431).
+    let head: usize = req.uri().to_string().len()
+        + h.iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if head > max_header_bytes {
+        let mut r = crate::http_util::error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header fields too large",
+            false,
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Some(r);
+    }
+    // hyper drops `Content-Length` when `Transfer-Encoding` is present; the connection's
+    // sniffer saw both (see `proxy::sniff`).
+    let conflict = req
+        .extensions()
+        .get::<crate::proxy::sniff::ConflictFlag>()
+        .is_some_and(|f| f.is_set());
+    if conflict
+        || (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
+    {
         let mut r = crate::http_util::error(
             StatusCode::BAD_REQUEST,
             "conflicting Content-Length and Transfer-Encoding",

@@ -14,4 +14,5 @@ pub mod headers;
 pub mod metrics;
 pub mod route;
 pub mod server;
+pub mod sniff;
 pub mod upstream;

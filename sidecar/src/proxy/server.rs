@@ -9,6 +9,7 @@
 //!   then return (the process exits 0).
 
 use crate::proxy::front::Front;
+use crate::proxy::sniff::SniffIo;
 use axum::body::Body;
 use geoforge_crds::config::ProxyTuning;
 use hyper::body::Incoming;
@@ -68,8 +69,12 @@ pub async fn serve(
         let connections = connections.clone();
         tokio::spawn(async move {
             connections.inc();
-            let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let (stream, conflict) = SniffIo::new(stream);
+            let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 let front = front.clone();
+                if conflict.is_set() {
+                    req.extensions_mut().insert(conflict.clone());
+                }
                 async move { Ok::<_, Infallible>(front.handle(peer, req.map(Body::new)).await) }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);

@@ -280,6 +280,8 @@ pub mod fake {
         pub oldest_id: i64,
         /// blob id → content (served for the `blobs` replicable).
         pub blobs: BTreeMap<String, Vec<u8>>,
+        /// Retrievable but not listed in the catalog (only events name them).
+        pub unlisted: Vec<String>,
         /// Listed in the catalog but missing on "disk" (→ 404 FILE_NOT_FOUND).
         pub missing: Vec<String>,
         /// Retrieve requests seen: (id, checksum asked for, status answered).
@@ -458,6 +460,7 @@ pub mod fake {
             let items = if rest == "blobs" {
                 g.blobs
                     .iter()
+                    .filter(|(id, _)| !g.unlisted.contains(id))
                     .map(|(id, c)| CatalogItem {
                         id: id.clone(),
                         size: c.len() as u64,

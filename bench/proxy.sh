@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Proxy benchmark (issue 3): the same small upstream behind nginx and behind geo-sidecar, at
+# the same concurrency, on loopback only. Prints requests/s and p99 for both and the ratios,
+# then the sidecar's peak RSS while streaming a 1 GiB body down and up through it.
+#
+#   bash bench/proxy.sh            # defaults: 10 s per run, 64 connections, 2 wrk threads
+#   DURATION=20s CONNS=128 bash bench/proxy.sh
+#
+# The upstream is an nginx server block answering a small fixed body (and serving a 1 GiB
+# sparse file for the streaming run); the reverse-proxy nginx is configured at its best
+# (an `upstream` block with keepalive, HTTP/1.1 to the upstream, access log off). The sidecar
+# runs the release build as a `role: disabled` site whose forge is the same upstream.
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+CONNS=${CONNS:-64}
+THREADS=${THREADS:-2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d /tmp/geoforge-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need wrk || ! need curl; then
+  echo "installing nginx, wrk and curl with apt-get" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq nginx wrk curl >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+echo "building geo-sidecar (release)" >&2
+(cd "$ROOT" && cargo build --release -q -p geo-sidecar)
+SIDECAR="${CARGO_TARGET_DIR:-$ROOT/target}/release/geo-sidecar"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port)
+
+# --- upstream + reverse proxy: one nginx, two server blocks -------------------------------
+mkdir -p "$WORK/www" "$WORK/tmp"
+truncate -s 1G "$WORK/www/big"
+cat > "$WORK/nginx.conf" <<EOF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy;
+  fastcgi_temp_path $WORK/tmp/fcgi; uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
+  keepalive_requests 1000000;
+  # the small upstream
+  server {
+    listen 127.0.0.1:$UP;
+    client_max_body_size 0;
+    location = /hello { default_type text/plain; return 200 "hello from the upstream\n"; }
+    location = /big { root $WORK/www; }
+    location = /upload { return 200 "ok\n"; }
+  }
+  # nginx as the reverse proxy, at its best
+  upstream app { server 127.0.0.1:$UP; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+EOF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
+
+# --- the sidecar in front of the same upstream --------------------------------------------
+"$SIDECAR" keygen --out "$WORK/key.pem" --kid bench.1 >/dev/null
+mkdir -p "$WORK/state" "$WORK/data"
+cat > "$WORK/sidecar.yaml" <<EOF
+siteId: bench
+role: disabled
+externalUrl: http://127.0.0.1:$SC
+allowInsecure: true
+stateDir: $WORK/state
+storageRoot: $WORK/data
+listen: { service: "127.0.0.1:$SC", admin: "127.0.0.1:$SCA" }
+keys: { kid: bench.1, privateKeyFile: $WORK/key.pem }
+forge: { upstreamUrl: "http://127.0.0.1:$UP" }
+log: { level: warn }
+EOF
+"$SIDECAR" --config "$WORK/sidecar.yaml" 2>"$WORK/sidecar.log" &
+SC_PID=$!; PIDS+=("$SC_PID")
+for _ in $(seq 1 200); do
+  curl -fs "http://127.0.0.1:$SCA/-/health" >/dev/null 2>&1 && curl -fs "http://127.0.0.1:$NGX/hello" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+curl -fs "http://127.0.0.1:$SC/hello" >/dev/null
+
+# --- requests/s and p99 -------------------------------------------------------------------
+run_wrk() { # url → "rps p99_ms"
+  wrk -t"$THREADS" -c"$CONNS" -d1s "$1" >/dev/null 2>&1 # warm-up
+  local out; out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "$1")
+  local rps; rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+  local p99; p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  local errs; errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")
+  [ -n "$errs" ] && echo "  wrk: $errs" >&2
+  echo "$rps $(to_ms "$p99")"
+}
+to_ms() { # wrk latency (e.g. 1.23ms, 850.00us, 1.02s) → ms
+  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
+}
+
+echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback"
+read -r N_RPS N_P99 <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"
+read -r S_RPS S_P99 <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"
+printf "%-10s %12s %10s\n" proxy "requests/s" "p99 ms"
+printf "%-10s %12s %10s\n" nginx "$N_RPS" "$N_P99"
+printf "%-10s %12s %10s\n" sidecar "$S_RPS" "$S_P99"
+awk -v s="$S_RPS" -v n="$N_RPS" -v sp="$S_P99" -v np="$N_P99" \
+  'BEGIN { printf "ratio sidecar/nginx: requests/s %.2fx, p99 %.2fx\n", s/n, sp/np }'
+
+# --- RSS while streaming 1 GiB --------------------------------------------------------------
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$SC_PID/status"; }
+peak_during() { # command… → peak RSS (KiB) of the sidecar while it runs
+  "$@" &
+  local job=$! peak=0 r
+  while kill -0 "$job" 2>/dev/null; do
+    r=$(rss_kb); [ "${r:-0}" -gt "$peak" ] && peak=$r
+    sleep 0.05
+  done
+  wait "$job"
+  echo "$peak"
+}
+IDLE=$(rss_kb)
+DOWN=$(peak_during curl -fs -o /dev/null "http://127.0.0.1:$SC/big")
+UPL=$(peak_during sh -c "head -c 1073741824 /dev/zero | curl -fs -o /dev/null -T - -H 'Content-Type: application/octet-stream' http://127.0.0.1:$SC/upload")
+echo "sidecar RSS: idle $((IDLE / 1024)) MiB; peak while streaming 1 GiB down $((DOWN / 1024)) MiB, up $((UPL / 1024)) MiB"

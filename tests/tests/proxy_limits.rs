@@ -1,0 +1,185 @@
+//! Bad input on the service port (431, 400, conflicting framing) never reaches the upstream;
+//! SIGTERM drains in-flight requests and exits 0.
+
+use geoforge_tests::httpd::{self, Handler, TestServer, respond};
+use geoforge_tests::{Sidecar, site_key, wait_until};
+use http::Request;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+struct Counting {
+    hits: AtomicUsize,
+    release: tokio::sync::Notify,
+}
+
+fn counting_upstream() -> (TestServer, Arc<Counting>) {
+    let st = Arc::new(Counting {
+        hits: AtomicUsize::new(0),
+        release: tokio::sync::Notify::new(),
+    });
+    let s = st.clone();
+    let handler: Handler = Arc::new(move |_peer, req: Request<hyper::body::Incoming>| {
+        let s = s.clone();
+        Box::pin(async move {
+            s.hits.fetch_add(1, SeqCst);
+            if req.uri().path() == "/slow" {
+                s.release.notified().await;
+                return respond(200, "slow done");
+            }
+            respond(200, "ok")
+        })
+    });
+    (TestServer::start(handler), st)
+}
+
+fn secondary(dir: &Path, upstream: &str) -> Sidecar {
+    let k = site_key(dir, "tokyo");
+    let p = site_key(dir, "paris");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let yaml = format!(
+        r#"siteId: tokyo
+role: secondary
+externalUrl: http://tokyo.example.test
+allowInsecure: true
+stateDir: {state}
+storageRoot: {data}
+primary: {{ staticUrl: "{upstream}" }}
+keys:
+  kid: tokyo.1
+  privateKeyFile: {key}
+  trusted: [{{ kid: paris.1, publicKey: {pk} }}]
+proxy: {{ maxHeaderBytes: 8192, headerReadTimeout: 2s, shutdownGrace: 20s }}
+"#,
+        state = dir.join("state").display(),
+        data = dir.join("data").display(),
+        key = k.file.display(),
+        pk = p.public,
+    );
+    Sidecar::start(dir, "tokyo", &yaml)
+}
+
+fn status_line(resp: &str) -> &str {
+    resp.lines().next().unwrap_or("")
+}
+
+#[test]
+fn bad_requests_are_refused_before_the_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, st) = counting_upstream();
+    let sc = secondary(dir.path(), &up.url());
+    let addr = format!("127.0.0.1:{}", sc.service);
+    let t = Duration::from_secs(10);
+
+    // A well-formed request does reach it (the counter works).
+    let ok = httpd::raw_request(
+        &addr,
+        b"GET /ok HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        t,
+    );
+    assert!(status_line(&ok).contains(" 200"), "{ok}");
+    assert_eq!(st.hits.load(SeqCst), 1);
+
+    // Oversized header block → 431.
+    let big = format!(
+        "GET /big HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let r = httpd::raw_request(&addr, big.as_bytes(), t);
+    assert!(status_line(&r).contains(" 431"), "{r}");
+
+    // Malformed request line / header → 400.
+    let r = httpd::raw_request(&addr, b"THIS IS NOT HTTP\r\n\r\n", t);
+    assert!(status_line(&r).contains(" 400"), "{r}");
+    let r = httpd::raw_request(
+        &addr,
+        b"GET /x HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n",
+        t,
+    );
+    assert!(status_line(&r).contains(" 400"), "{r}");
+
+    // Conflicting Content-Length and Transfer-Encoding → 400, connection closed.
+    let smuggle = b"POST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n";
+    let r = httpd::raw_request(&addr, smuggle, t);
+    assert!(status_line(&r).contains(" 400"), "{r}");
+    assert_eq!(r.matches("HTTP/1.1").count(), 1, "no second response: {r}");
+
+    // Two different Content-Lengths → 400; an unknown transfer coding → 400.
+    let r = httpd::raw_request(
+        &addr,
+        b"POST /cl HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+        t,
+    );
+    assert!(status_line(&r).contains(" 400"), "{r}");
+    let r = httpd::raw_request(
+        &addr,
+        b"POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\nabcd",
+        t,
+    );
+    assert!(status_line(&r).contains(" 400"), "{r}");
+
+    // A client that never finishes its head is cut off after headerReadTimeout.
+    let started = std::time::Instant::now();
+    let r = httpd::raw_request(
+        &addr,
+        b"GET /slowloris HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(15),
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!r.contains(" 200"), "{r}");
+
+    assert_eq!(
+        st.hits.load(SeqCst),
+        1,
+        "none of the bad requests reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, st) = counting_upstream();
+    let mut sc = secondary(dir.path(), &up.url());
+    let url = format!("{}/slow", sc.url());
+    let inflight = tokio::spawn(async move { httpd::get(&url, &[]).await });
+    let s = st.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(10), "the request in flight", || {
+            (s.hits.load(SeqCst) == 1).then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    let service = sc.service;
+    let log_file = sc.log_file.clone();
+    let term = std::thread::spawn(move || sc.terminate(Duration::from_secs(30)));
+    // Draining: the listener is closed, the request still in flight.
+    tokio::task::spawn_blocking(move || {
+        wait_until(Duration::from_secs(10), "drain started", || {
+            std::fs::read_to_string(&log_file)
+                .unwrap_or_default()
+                .contains("draining")
+                .then_some(())
+        });
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", service)).is_err(),
+            "new connections are refused while draining"
+        );
+    })
+    .await
+    .unwrap();
+    assert!(!inflight.is_finished());
+    st.release.notify_one();
+    let r = inflight.await.unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "slow done");
+    let code = tokio::task::spawn_blocking(move || term.join().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+}
