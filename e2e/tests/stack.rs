@@ -67,13 +67,12 @@ where
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("never checked");
     loop {
-        match f().await {
+        let last = match f().await {
             Ok(Some(v)) => return Ok(v),
-            Ok(None) => last = "not yet".into(),
-            Err(e) => last = format!("{e:#}"),
-        }
+            Ok(None) => "not yet".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() > deadline {
             bail!("{what}: not within {timeout:?} (last: {last})");
         }
@@ -214,7 +213,8 @@ async fn stack_push_and_clone_through_the_secondary() -> Result<()> {
     );
 
     // Push through the secondary: proxied to the primary.
-    let work = tempfile_dir("push")?;
+    let tmp = tempfile_dir("push")?;
+    let work = tmp.path().to_path_buf();
     git(&work, &["init", "-q", "-b", "main"])?;
     std::fs::write(work.join("README"), "geoforge e2e\n")?;
     git(&work, &["add", "README"])?;
@@ -284,9 +284,9 @@ async fn stack_push_and_clone_through_the_secondary() -> Result<()> {
         let head = head.clone();
         let admin = admin.port;
         async move {
-            let dir = tempfile_dir("clone")?;
-            git(&dir, &["clone", "-q", &url, "c"])?;
-            let got = git(&dir.join("c"), &["rev-parse", "HEAD"])?;
+            let tmp = tempfile_dir("clone")?;
+            git(tmp.path(), &["clone", "-q", &url, "c"])?;
+            let got = git(&tmp.path().join("c"), &["rev-parse", "HEAD"])?;
             ensure!(got == head, "cloned {got}, pushed {head}");
             let after = counter(
                 &http_get(admin, "/-/metrics").await?,
@@ -301,10 +301,10 @@ async fn stack_push_and_clone_through_the_secondary() -> Result<()> {
     Ok(())
 }
 
-fn tempfile_dir(what: &str) -> Result<std::path::PathBuf> {
-    let dir = std::env::temp_dir().join(format!("geoforge-e2e-{what}-{}", tag()));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+fn tempfile_dir(what: &str) -> Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new()
+        .prefix(&format!("geoforge-e2e-{what}-"))
+        .tempdir()?)
 }
 
 #[tokio::test]

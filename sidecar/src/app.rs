@@ -48,8 +48,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         SiteRole::Secondary => {
             let watch = proxy::discovery::start(&ctx);
             let secondary = Secondary::start(ctx.clone(), watch.clone()).await?;
-            // Accelerated reads plug in here: `front.with_accelerator(…)`.
-            let front = Front::new(ctx.clone(), None, None, Some(watch), None)?;
+            let accel = Arc::new(crate::accel::Accelerator::new(&ctx, secondary.clone())?);
+            let front = Front::new(ctx.clone(), None, None, Some(watch), None)?
+                .with_read_accelerator(accel);
             (front, secondary.admin_routes())
         }
         SiteRole::Disabled => {

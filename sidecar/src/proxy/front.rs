@@ -17,6 +17,7 @@
 //! is the first DNS label of the primary URL's host wins, else the first listed (a warning
 //! is logged once). Tokens are cached for at most [`EXTRA_DATA_CACHE`] and never logged.
 
+use crate::accel::Intercept;
 use crate::context::{PrimaryWatch, PushSink, SiteContext};
 use crate::forge::EmbeddedForge;
 use crate::forge::report_status::PushDetectBody;
@@ -53,6 +54,8 @@ pub struct Front {
     forge: Option<ForgeBackend>,
     primary: Option<PrimaryWatch>,
     accelerator: Option<Arc<dyn Accelerator>>,
+    /// Secondary read acceleration (Git fetches, LFS downloads, push forwarding).
+    read_accel: Option<Arc<crate::accel::Accelerator>>,
     push_sink: Option<Arc<dyn PushSink>>,
     upstream: Upstream,
     metrics: ProxyMetrics,
@@ -103,12 +106,19 @@ impl Front {
             forge,
             primary,
             accelerator: None,
+            read_accel: None,
             push_sink,
             extra_data: Mutex::new(None),
             peer_sites,
             warned_aud: false.into(),
             ctx,
         })
+    }
+
+    /// Plugs in the secondary's read accelerator ([`crate::accel`]).
+    pub fn with_read_accelerator(mut self, a: Arc<crate::accel::Accelerator>) -> Front {
+        self.read_accel = Some(a);
+        self
     }
 
     /// Plugs in read acceleration (secondaries).
@@ -201,7 +211,33 @@ impl Front {
         // 3. serve, 4. response filter
         let resp = match target {
             Target::GeoApi => self.serve_geo_api(req, peer).await,
-            Target::Forge => self.serve_forge(req, &ingress, route_name).await,
+            Target::Forge => {
+                let req = strip_from_secondary_prefix(req);
+                self.serve_forge(req, &ingress, route_name).await
+            }
+            // A secondary's reads: the accelerator answers from the replica what it can
+            // (DESIGN §3) and learns from what the primary answers.
+            Target::Primary(url) if self.read_accel.is_some() => {
+                let accel = self.read_accel.as_ref().expect("checked");
+                match accel.intercept(req, ingress.client, true).await {
+                    Intercept::Served(_, resp) => return ("local", resp),
+                    Intercept::Proxy(req, pending) => {
+                        let resp = self.serve_primary(req, &ingress, &url).await;
+                        accel.complete(pending, resp).await
+                    }
+                }
+            }
+            Target::Unavailable if self.read_accel.is_some() => {
+                let accel = self.read_accel.as_ref().expect("checked");
+                match accel.intercept(req, ingress.client, false).await {
+                    Intercept::Served(_, resp) => return ("local", resp),
+                    Intercept::Proxy(req, pending) => {
+                        let resp =
+                            primary_unavailable(req.headers(), "the primary site is unknown");
+                        accel.complete(pending, resp).await
+                    }
+                }
+            }
             Target::Primary(url) => self.serve_primary(req, &ingress, &url).await,
             Target::Unavailable => {
                 primary_unavailable(req.headers(), "the primary site is unknown")
@@ -422,6 +458,24 @@ impl Front {
             }
         }
     }
+}
+
+/// A push redirected by a secondary (`pushRedirect: separate`) arrives at the primary under
+/// `/-/push_from_secondary/<site>/…` (or `/-/from_secondary/<site>/…`): the forge sees the
+/// path without the prefix.
+fn strip_from_secondary_prefix(req: Request<Body>) -> Request<Body> {
+    let Some(stripped) = crate::accel::engine::strip_push_prefix(req.uri().path()) else {
+        return req;
+    };
+    let (mut parts, body) = req.into_parts();
+    let pq = match parts.uri.query() {
+        Some(q) => format!("{stripped}?{q}"),
+        None => stripped,
+    };
+    if let Ok(uri) = pq.parse() {
+        parts.uri = uri;
+    }
+    Request::from_parts(parts, body)
 }
 
 /// Requests whose framing is ambiguous never reach an upstream (request smuggling).
