@@ -102,7 +102,20 @@ impl Accelerator {
         Ok(Accelerator {
             mapper: RepoMapper::new(&config).map_err(anyhow::Error::msg)?,
             cache: Arc::new(AuthCache::new(a.authorization_ttl, config.max_staleness)),
-            pool: UploadPackPool::new(a.max_upload_packs),
+            pool: {
+                let pool = UploadPackPool::new(a.max_upload_packs);
+                metrics.register(
+                    "geo_accel_upload_pack_queued",
+                    "Local upload-pack requests waiting for a slot",
+                    pool.queued.clone(),
+                );
+                metrics.register(
+                    "geo_accel_upload_pack_running",
+                    "Local upload-pack processes running",
+                    pool.running.clone(),
+                );
+                pool
+            },
             metrics: AccelMetrics::register(metrics),
             secondary,
             signing_key: ctx.signing_key.clone(),

@@ -8,10 +8,10 @@
 use axum::body::Body;
 use bytes::Bytes;
 use futures::StreamExt;
+use prometheus_client::metrics::gauge::Gauge;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Semaphore;
@@ -19,16 +19,18 @@ use tokio::sync::Semaphore;
 /// Limits concurrent local upload-packs.
 pub struct UploadPackPool {
     permits: Arc<Semaphore>,
-    pub queued: Arc<AtomicI64>,
-    pub running: Arc<AtomicI64>,
+    /// Requests waiting for a slot (exported as `geo_accel_upload_pack_queued`).
+    pub queued: Gauge,
+    /// Local upload-packs running (exported as `geo_accel_upload_pack_running`).
+    pub running: Gauge,
 }
 
 impl UploadPackPool {
     pub fn new(max: usize) -> Self {
         UploadPackPool {
             permits: Arc::new(Semaphore::new(max.max(1))),
-            queued: Arc::new(AtomicI64::new(0)),
-            running: Arc::new(AtomicI64::new(0)),
+            queued: Gauge::default(),
+            running: Gauge::default(),
         }
     }
 
@@ -41,9 +43,9 @@ impl UploadPackPool {
         git_protocol: Option<&str>,
     ) -> std::io::Result<(Body, Duration)> {
         let start = Instant::now();
-        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.queued.inc();
         let permit = self.permits.clone().acquire_owned().await;
-        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.queued.dec();
         let permit = permit.map_err(|_| std::io::Error::other("upload-pack pool closed"))?;
         let waited = start.elapsed();
 
@@ -72,7 +74,7 @@ impl UploadPackPool {
             let _ = stdin.shutdown().await;
         });
         let running = self.running.clone();
-        running.fetch_add(1, Ordering::Relaxed);
+        running.inc();
         let guard = RunGuard {
             _permit: permit,
             running,
@@ -89,14 +91,14 @@ impl UploadPackPool {
 
 struct RunGuard {
     _permit: tokio::sync::OwnedSemaphorePermit,
-    running: Arc<AtomicI64>,
+    running: Gauge,
     /// Killed on drop (kill_on_drop) if the client goes away mid-stream.
     _child: tokio::process::Child,
 }
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
-        self.running.fetch_sub(1, Ordering::Relaxed);
+        self.running.dec();
     }
 }
 
