@@ -96,8 +96,14 @@ trap stop INT TERM
 "$BIN" --config primary/sidecar.yaml 2> primary/sidecar.log & pids+=($!)
 "$BIN" --config secondary/sidecar.yaml 2> secondary/sidecar.log & pids+=($!)
 
-for port in $P_ADMIN $S_ADMIN; do
-  for _ in $(seq 1 100); do
+# Wait for both admin ports; a site that exits (a port in use, a bad config) stops the quickstart.
+for i in 0 1; do
+  port=$([ $i = 0 ] && echo $P_ADMIN || echo $S_ADMIN)
+  name=$([ $i = 0 ] && echo primary || echo secondary)
+  for _ in $(seq 1 200); do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      echo "the $name sidecar exited:" >&2; tail -n 5 "$name/sidecar.log" >&2; stop
+    fi
     curl -fsS "http://127.0.0.1:$port/-/health" >/dev/null 2>&1 && break
     sleep 0.1
   done
