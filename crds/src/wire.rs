@@ -209,3 +209,14 @@ pub struct PlainHook {
     pub replicable: String,
     pub id: String,
 }
+
+/// `POST /-/geo/confirm-deletes` on a sidecar's admin port (`admin`-scope token): confirms a
+/// paused mass delete. `window_id` names the pause (from status); `replicable` narrows it.
+/// The operator relays the `geoforge.dev/confirm-deletes` annotation as this body.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ConfirmDeletes {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicable: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_id: Option<String>,
+}
