@@ -3,7 +3,9 @@
 #
 # Default: create a kind cluster, build the image, load it into kind, install the chart,
 # apply a primary and a secondary site (two namespaces, embedded forge) and the replicables,
-# publish the sites' keys with `kubectl geo export-site`, then run the #[ignore]d e2e tests.
+# publish the sites' keys with `kubectl geo export-site`, then run the #[ignore]d e2e tests
+# (`cargo test -p geoforge-e2e -- --ignored`, in two phases: the tests that start their own
+# operator before the chart is installed, the plugin_* and stack_* tests after).
 #
 # With KUBECONFIG set and GEOFORGE_IMAGE given: use that cluster and that image (pulled
 # IfNotPresent), skipping the kind and build steps.
@@ -16,6 +18,7 @@ PRIMARY=${GEOFORGE_E2E_PRIMARY:-paris}
 SECONDARY=${GEOFORGE_E2E_SECONDARY:-tokyo}
 PRIMARY_NS=${GEOFORGE_E2E_PRIMARY_NS:-geo-e2e-$PRIMARY}
 SECONDARY_NS=${GEOFORGE_E2E_SECONDARY_NS:-geo-e2e-$SECONDARY}
+EPHEMERAL=${GEOFORGE_E2E_EPHEMERAL:-lisbon}   # local to the operator, created by a test
 CLUSTER=${KIND_CLUSTER_NAME:-geoforge-e2e}
 E2E_USER=${GEOFORGE_E2E_USER:-e2e}
 E2E_PASSWORD=${GEOFORGE_E2E_PASSWORD:-$(od -An -N12 -tx1 /dev/urandom | tr -d ' \n')}
@@ -80,6 +83,19 @@ if [[ "$last" == *:* ]]; then
   repo=${IMAGE%:*}
 fi
 
+# ---- phase 1: tests that run their own operator ---------------------------------------------
+# The operator tests (tests/operator.rs, tests/crds.rs) start geo-operator on this machine,
+# watching one namespace each; they run before the chart's operator exists, which would
+# reconcile their sites too. Phase 2 (tests named plugin_* and stack_*) needs the stack.
+log "phase 1: cargo test -p geoforge-e2e -- --ignored --skip plugin_ --skip stack_"
+cargo build -q -p geo-operator --bin geo-operator
+phase1=0
+cargo test -p geoforge-e2e -- --ignored --skip plugin_ --skip stack_ --test-threads=1 || phase1=$?
+if kubectl get geosites -A -o name 2>/dev/null | grep -q .; then
+  log "waiting for phase 1's GeoSites to be deleted"
+  kubectl wait --for=delete geosites --all -A --timeout="$TIMEOUT"
+fi
+
 # ---- chart ---------------------------------------------------------------------------------
 log "CRDs and chart ($RELEASE in $RELEASE_NS, local sites $PRIMARY,$SECONDARY)"
 # Helm installs crds/ only on the first install: apply them so reruns pick up changes.
@@ -87,7 +103,7 @@ kubectl apply --server-side --force-conflicts -f charts/geoforge/crds/
 helm upgrade --install "$RELEASE" charts/geoforge \
   --namespace "$RELEASE_NS" --create-namespace \
   --set image.repository="$repo" --set image.tag="$tag" --set image.pullPolicy=IfNotPresent \
-  --set "localSites={$PRIMARY,$SECONDARY}" \
+  --set "localSites={$PRIMARY,$SECONDARY,$EPHEMERAL}" \
   --set logFormat=text --set statusInterval=5s \
   --wait --timeout "$TIMEOUT"
 
@@ -180,14 +196,15 @@ kubectl -n "$PRIMARY_NS" rollout status "statefulset/$PRIMARY-geo" --timeout="$T
 kubectl -n "$SECONDARY_NS" rollout status "statefulset/$SECONDARY-geo" --timeout="$TIMEOUT"
 "$geo" status
 
-# ---- tests -----------------------------------------------------------------------------------
-log "cargo test -p geoforge-e2e -- --ignored"
+# ---- phase 2: the installed stack --------------------------------------------------------------
+log "phase 2: cargo test -p geoforge-e2e -- --ignored plugin_ stack_"
 export GEOFORGE_E2E_PRIMARY=$PRIMARY GEOFORGE_E2E_SECONDARY=$SECONDARY
 export GEOFORGE_E2E_PRIMARY_NS=$PRIMARY_NS GEOFORGE_E2E_SECONDARY_NS=$SECONDARY_NS
 export GEOFORGE_E2E_USER=$E2E_USER GEOFORGE_E2E_PASSWORD=$E2E_PASSWORD
+export GEOFORGE_E2E_EPHEMERAL=$EPHEMERAL
 export GEOFORGE_NAMESPACE=$RELEASE_NS GEOFORGE_RELEASE=$RELEASE
 status=0
-cargo test -p geoforge-e2e -- --ignored || status=$?
+cargo test -p geoforge-e2e -- --ignored plugin_ stack_ || status=$?
 if [ "$status" != 0 ]; then
   log "tests failed: state for the log"
   "$geo" status || true
@@ -196,5 +213,9 @@ if [ "$status" != 0 ]; then
   kubectl -n "$PRIMARY_NS" logs "statefulset/$PRIMARY-geo" --all-containers --tail=100 || true
   kubectl -n "$SECONDARY_NS" logs "statefulset/$SECONDARY-geo" --all-containers --tail=100 || true
   kubectl get events -A --sort-by=.lastTimestamp | tail -50 || true
+fi
+if [ "$phase1" != 0 ]; then
+  log "phase 1 failed (exit $phase1): see its output above"
+  [ "$status" = 0 ] && status=$phase1
 fi
 exit "$status"

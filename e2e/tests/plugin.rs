@@ -206,7 +206,7 @@ where
 
 #[tokio::test]
 #[ignore = "needs a cluster: set KUBECONFIG, run with --ignored"]
-async fn status_shows_sites_and_replication_counts() {
+async fn plugin_status_shows_sites_and_replication_counts() {
     in_scratch("status", |s| async move {
         let (p, t) = (s.site_name("paris"), s.site_name("tokyo"));
         // Disabled, not primary: no second primary beside the cluster's own (module docs).
@@ -248,7 +248,7 @@ async fn status_shows_sites_and_replication_counts() {
 
 #[tokio::test]
 #[ignore = "needs a cluster: set KUBECONFIG, run with --ignored"]
-async fn promote_refuses_a_behind_target_then_switches_roles() {
+async fn plugin_promote_refuses_a_behind_target_then_switches_roles() {
     in_scratch("promote", |s| async move {
         let (p, t) = (s.site_name("paris"), s.site_name("tokyo"));
         s.apply_site(&p, "primary", true).await?;
@@ -290,7 +290,7 @@ async fn promote_refuses_a_behind_target_then_switches_roles() {
 
 #[tokio::test]
 #[ignore = "needs a cluster: set KUBECONFIG, run with --ignored"]
-async fn export_site_carries_the_key_in_use_and_applies_cleanly() {
+async fn plugin_export_site_carries_the_key_in_use_and_applies_cleanly() {
     in_scratch("export", |s| async move {
         let p = s.site_name("paris");
         s.apply_site(&p, "secondary", false).await?;
@@ -334,7 +334,7 @@ async fn export_site_carries_the_key_in_use_and_applies_cleanly() {
 
 #[tokio::test]
 #[ignore = "needs a cluster: set KUBECONFIG, run with --ignored"]
-async fn keygen_secret_is_accepted_by_the_api_server() {
+async fn plugin_keygen_secret_is_accepted_by_the_api_server() {
     in_scratch("keygen", |s| async move {
         let site = s.site_name("tokyo");
         let yaml = s.geo(&["keygen", "--site", &site, "--index", "3"]).await?;

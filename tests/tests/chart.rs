@@ -15,51 +15,32 @@ use std::process::Command;
 /// `templates/rbac.yaml`. The chart test fails when the two disagree, in either direction
 /// (nothing missing, nothing extra, no wildcards).
 ///
-/// - GeoSite / Replicable: watched by the controllers, finalizers set by metadata patch, status
-///   written by patch on the `/status` subresource.
-/// - StatefulSet, Service, ConfigMap: applied server-side for local sites (apply creates when
-///   absent: `create` + `patch`), owned by the GeoSite, deleted when a site stops being local.
-/// - Secret: the key Secret is read, and created once when absent; never updated or deleted
-///   (a site's identity, DESIGN §7).
-/// - Pod: status aggregation reads the pods of local sites.
-/// - Event (events.k8s.io): the event recorder creates and patches (series counts).
-/// - Lease (coordination.k8s.io): leader election, in the release namespace.
+/// What the operator's code does (checked against `operator/src` and the libraries it uses):
+///
+/// - GeoSite / Replicable: listed and watched (reflectors, controllers); only their status is
+///   written, by merge patch on the `/status` subresource. No finalizers, no spec writes.
+/// - StatefulSet, Service, ConfigMap: applied server-side for local sites (`patch`, and
+///   `create` when the object is absent), watched by metadata (`list`, `watch`). They carry
+///   the GeoSite's owner reference: the garbage collector deletes them, the operator never does.
+/// - Secret: the key Secret is read (`get`) and created once when absent; never listed,
+///   updated or deleted (a site's identity, DESIGN §7).
+/// - Event (events.k8s.io): kube's event recorder creates events and patches repeats.
+/// - Lease (coordination.k8s.io): kube-lease-manager gets, creates and patches the Lease, in
+///   the release namespace only (a separate Role).
+///
+/// Not granted: Pods (status is read from each pod's admin port by its stable DNS name, not
+/// through the API), `delete` on anything, `update` on anything.
 const OPERATOR_RBAC: &[(&str, &str, &[&str])] = &[
-    (
-        "geoforge.dev",
-        "geosites",
-        &["get", "list", "watch", "patch"],
-    ),
-    (
-        "geoforge.dev",
-        "replicables",
-        &["get", "list", "watch", "patch"],
-    ),
+    ("geoforge.dev", "geosites", &["list", "watch"]),
+    ("geoforge.dev", "replicables", &["list", "watch"]),
     ("geoforge.dev", "geosites/status", &["patch"]),
     ("geoforge.dev", "replicables/status", &["patch"]),
-    (
-        "apps",
-        "statefulsets",
-        &["get", "list", "watch", "create", "patch", "delete"],
-    ),
-    (
-        "",
-        "services",
-        &["get", "list", "watch", "create", "patch", "delete"],
-    ),
-    (
-        "",
-        "configmaps",
-        &["get", "list", "watch", "create", "patch", "delete"],
-    ),
-    ("", "secrets", &["get", "list", "watch", "create"]),
-    ("", "pods", &["get", "list"]),
+    ("apps", "statefulsets", &["list", "watch", "create", "patch"]),
+    ("", "services", &["list", "watch", "create", "patch"]),
+    ("", "configmaps", &["list", "watch", "create", "patch"]),
+    ("", "secrets", &["get", "create"]),
     ("events.k8s.io", "events", &["create", "patch"]),
-    (
-        "coordination.k8s.io",
-        "leases",
-        &["get", "create", "update", "patch"],
-    ),
+    ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
 ];
 
 /// Rust types the operator may use with `Api<T>` (or through a helper that implies one),
@@ -467,7 +448,11 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 fn scan_types(text: &str, file: &str) -> (BTreeSet<&'static str>, BTreeSet<String>) {
     let mut used = BTreeSet::new();
     let mut unknown = BTreeSet::new();
-    for marker in ["Api<", "Api::<", "scoped::<"] {
+    // `Api<T>` and `scoped::<T>` name an API type for sure (unknown ones are reported); any
+    // other turbofish (`apply::<StatefulSet>`, `owned_changes::<ConfigMap>`) counts only when
+    // it names a mapped resource type.
+    for marker in ["Api<", "Api::<", "scoped::<", "::<"] {
+        let strict = marker != "::<";
         for (i, _) in text.match_indices(marker) {
             let mut rest = &text[i + marker.len()..];
             // Wrappers name the resource inside: Api<PartialObjectMeta<StatefulSet>>.
@@ -485,6 +470,9 @@ fn scan_types(text: &str, file: &str) -> (BTreeSet<&'static str>, BTreeSet<Strin
             };
             if ty.is_empty() || ty.chars().next().is_some_and(|c| c.is_lowercase()) {
                 continue; // a generic parameter such as Api<K>
+            }
+            if !strict && !TYPE_TO_RESOURCE.iter().any(|(t, _)| *t == ty) {
+                continue;
             }
             match TYPE_TO_RESOURCE.iter().find(|(t, _)| *t == ty) {
                 Some((_, r)) => {
@@ -509,12 +497,13 @@ fn scan_types(text: &str, file: &str) -> (BTreeSet<&'static str>, BTreeSet<Strin
 #[test]
 fn type_scan_sees_wrapped_generic_and_unknown_types() {
     let src = "let a: Api<StatefulSet> = x; let b = scoped::<PartialObjectMeta<ConfigMap>>(c, n);\n\
+               apply::<Service>(ctx, ns, &svc); let v = it.collect::<Vec<_>>();\n\
                let c: Api<K> = y; let d: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> = z;\n\
                let r = Recorder::new(c, rep);";
     let (used, unknown) = scan_types(src, "x.rs");
     assert_eq!(
         used,
-        BTreeSet::from(["configmaps", "events", "statefulsets"])
+        BTreeSet::from(["configmaps", "events", "services", "statefulsets"])
     );
     assert_eq!(
         unknown,

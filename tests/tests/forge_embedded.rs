@@ -1,7 +1,8 @@
 //! `git clone` / `git push` through a primary sidecar's embedded forge (`git http-backend`),
 //! with and without basic auth; a push rejected by a hook records no push.
 
-use geoforge_tests::{Sidecar, git, git_cmd, make_bare_repo, sidecar_bin, site_key};
+use geoforge_crds::auth::{Scope, SigningKey, TokenData};
+use geoforge_tests::{Sidecar, SiteKey, git, git_cmd, make_bare_repo, sidecar_bin, site_key};
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -20,7 +21,7 @@ fn hash_password(user: &str, pw: &str) -> String {
 }
 
 /// A primary with an embedded forge over `<dir>/data/repositories` holding `group/project.git`.
-fn primary(dir: &Path, embedded: &str) -> Sidecar {
+fn primary(dir: &Path, embedded: &str) -> (Sidecar, SiteKey) {
     let key = site_key(dir, "paris");
     let data = dir.join("data");
     make_bare_repo(&data.join("repositories/group/project.git"), 2);
@@ -47,7 +48,28 @@ replicables:
         key = key.file.display(),
         creds = creds.display(),
     );
-    Sidecar::start(dir, "paris", &yaml)
+    (Sidecar::start(dir, "paris", &yaml), key)
+}
+
+/// The Geo API's events for `item` (read with the site's own key, as a tool would).
+fn item_events(sc: &Sidecar, key: &SiteKey, item: &str) -> Vec<serde_json::Value> {
+    let pem = std::fs::read_to_string(&key.file).unwrap();
+    let signer = SigningKey::from_pem(&key.kid, &pem).unwrap();
+    let auth = signer.authorization("paris", &TokenData::scope(Scope::Events));
+    let url = format!("{}/api/v4/geo/events?after=0&limit=1000", sc.url());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let r = rt
+        .block_on(geoforge_tests::httpd::get(&url, &[("authorization", auth.as_str())]))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["item_id"] == item)
+        .cloned()
+        .collect()
 }
 
 fn url(sc: &Sidecar, auth: &str, repo: &str) -> String {
@@ -87,7 +109,7 @@ fn push_events(sc: &Sidecar, repo: &str) -> usize {
 #[test]
 fn clone_and_push_need_a_user_when_anonymous_read_is_off() {
     let dir = tempfile::tempdir().unwrap();
-    let sc = primary(
+    let (sc, _key) = primary(
         dir.path(),
         "anonymousRead: false, publicRepositories: [open/public.git]",
     );
@@ -151,7 +173,7 @@ fn clone_and_push_need_a_user_when_anonymous_read_is_off() {
 #[test]
 fn anonymous_read_and_hook_rejected_push() {
     let dir = tempfile::tempdir().unwrap();
-    let sc = primary(dir.path(), "anonymousRead: true");
+    let (sc, key) = primary(dir.path(), "anonymousRead: true");
     let tmp = dir.path();
     git(
         tmp,
@@ -181,11 +203,15 @@ fn anonymous_read_and_hook_rejected_push() {
     assert!(!ok, "the hook rejects the push");
     assert!(err.contains("refused by policy"), "{err}");
     assert_eq!(push_events(&sc, "group/project.git"), 0, "{}", sc.log());
+    let before = item_events(&sc, &key, "group/project.git").len();
 
     // Without the hook the same push goes through and is recorded once.
     std::fs::remove_file(&hook).unwrap();
     git(&anon, &["push", "-q", "origin", "main"]);
     assert_eq!(push_events(&sc, "group/project.git"), 1, "{}", sc.log());
+    // The event was durable before `git push` returned.
+    let after = item_events(&sc, &key, "group/project.git");
+    assert_eq!(after.len(), before + 1, "{after:?}");
     assert_eq!(
         git(&bare, &["rev-parse", "refs/heads/main"]),
         git(&anon, &["rev-parse", "HEAD"])

@@ -482,7 +482,7 @@ fn strip_from_secondary_prefix(req: Request<Body>) -> Request<Body> {
 fn framing_check(req: &Request<Body>, max_header_bytes: usize) -> Option<Response<Body>> {
     let h = req.headers();
     // hyper bounds its read buffer; the exact head size is checked here (→ 431).
-    let head: usize = req.uri().to_string().len()
+    let head: usize = req.uri().path_and_query().map_or(1, |p| p.as_str().len())
         + h.iter()
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum::<usize>();
@@ -528,21 +528,35 @@ fn request_id(h: &http::HeaderMap) -> String {
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+        .unwrap_or_else(new_request_id)
 }
 
-fn method_label(m: &http::Method) -> String {
+/// A fresh request id: a random per-process prefix and a counter (no syscall per request,
+/// unique across the instances of a site with overwhelming probability).
+fn new_request_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+    format!(
+        "{prefix:016x}-{:x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn method_label(m: &http::Method) -> &'static str {
     match *m {
-        http::Method::GET
-        | http::Method::HEAD
-        | http::Method::POST
-        | http::Method::PUT
-        | http::Method::PATCH
-        | http::Method::DELETE
-        | http::Method::OPTIONS
-        | http::Method::CONNECT
-        | http::Method::TRACE => m.as_str().to_string(),
-        _ => "OTHER".to_string(),
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => "OTHER",
     }
 }
 

@@ -218,12 +218,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for SniffIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let this = &mut *self;
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r
-            && !matches!(self.state, State::Off)
+            && !matches!(this.state, State::Off)
         {
-            let new = buf.filled()[before..].to_vec();
-            self.feed(&new);
+            this.feed(&buf.filled()[before..]);
         }
         r
     }
