@@ -35,7 +35,11 @@ const OPERATOR_RBAC: &[(&str, &str, &[&str])] = &[
     ("geoforge.dev", "replicables", &["list", "watch"]),
     ("geoforge.dev", "geosites/status", &["patch"]),
     ("geoforge.dev", "replicables/status", &["patch"]),
-    ("apps", "statefulsets", &["list", "watch", "create", "patch"]),
+    (
+        "apps",
+        "statefulsets",
+        &["list", "watch", "create", "patch"],
+    ),
     ("", "services", &["list", "watch", "create", "patch"]),
     ("", "configmaps", &["list", "watch", "create", "patch"]),
     ("", "secrets", &["get", "create"]),
