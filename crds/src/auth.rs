@@ -547,9 +547,9 @@ mod tests {
         // A valid token whose payload was changed.
         let good = sk.extra_data("paris");
         let mut parts: Vec<String> = good
-            .splitn(2, ':')
-            .nth(1)
+            .split_once(':')
             .unwrap()
+            .1
             .split('.')
             .map(String::from)
             .collect();

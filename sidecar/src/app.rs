@@ -116,10 +116,8 @@ fn forge_backend(
         .and_then(|f| f.upstream_url.as_deref())
         .ok_or_else(|| anyhow::anyhow!("forge: set forge.embedded or forge.upstreamUrl"))?;
     let url = url::Url::parse(url).map_err(|e| anyhow::anyhow!("forge.upstreamUrl: {e}"))?;
-    if url.scheme() != "http" {
-        anyhow::bail!(
-            "forge.upstreamUrl: only http:// is supported (the forge is in the same pod or cluster)"
-        );
+    if !matches!(url.scheme(), "http" | "https") {
+        anyhow::bail!("forge.upstreamUrl: only http:// and https:// are supported");
     }
     Ok(ForgeBackend::Upstream(url))
 }

@@ -356,7 +356,7 @@ impl Front {
     ) -> Response<Body> {
         let json = crate::http_util::wants_json(req.headers());
         let base = match url::Url::parse(primary) {
-            Ok(u) if matches!(u.scheme(), "http") => u,
+            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
             Ok(u) => {
                 self.upstream_error(
                     "primary",

@@ -12,6 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::oneshot;
@@ -41,10 +42,15 @@ impl UpstreamError {
     }
 }
 
+/// The connector: plain TCP for `http://`, rustls for `https://` (cross-site URLs are https
+/// unless `allowInsecure`). Server certificates are checked against the system's roots
+/// (`SSL_CERT_FILE` / `SSL_CERT_DIR` select another bundle, e.g. a private CA).
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// A pooled HTTP/1.1 client to upstreams (the primary, or the forge).
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     header_read_timeout: Duration,
 }
 
@@ -53,14 +59,30 @@ impl Upstream {
         let mut http = HttpConnector::new();
         http.set_connect_timeout(Some(t.connect_timeout));
         http.set_nodelay(true);
-        http.enforce_http(true);
+        http.enforce_http(false);
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
+            .unwrap_or_else(|e| {
+                tracing::warn!("no system CA certificates ({e}): https upstreams will fail verification");
+                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+            })
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(t.pool_idle_timeout)
             .pool_max_idle_per_host(256)
             .http1_max_buf_size(t.max_header_bytes.max(8192) * 2)
-            .build(http);
+            .build(tls);
         Upstream {
             client,
             header_read_timeout: t.header_read_timeout,
