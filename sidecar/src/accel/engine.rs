@@ -110,6 +110,11 @@ impl Accelerator {
                     pool.queued.clone(),
                 );
                 metrics.register(
+                    "geo_accel_upload_pack_coalesced",
+                    "Local fetches answered by joining an identical upload-pack in flight",
+                    pool.coalesced.clone(),
+                );
+                metrics.register(
                     "geo_accel_upload_pack_running",
                     "Local upload-pack processes running",
                     pool.running.clone(),
