@@ -3,8 +3,8 @@
 # the same concurrency, on loopback only. Prints requests/s and p99 for both and the ratios,
 # then the sidecar's peak RSS while streaming a 1 GiB body down and up through it.
 #
-#   bash bench/proxy.sh            # defaults: 10 s per run, 64 connections, 2 wrk threads
-#   DURATION=20s CONNS=128 bash bench/proxy.sh
+#   bash bench/proxy.sh            # defaults: 3 alternating runs of 10 s, 64 connections, 2 wrk threads
+#   DURATION=20s CONNS=128 RUNS=5 bash bench/proxy.sh
 #
 # The upstream is an nginx server block answering a small fixed body (and serving a 1 GiB
 # sparse file for the streaming run); the reverse-proxy nginx is configured at its best
@@ -15,6 +15,7 @@ set -euo pipefail
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
+RUNS=${RUNS:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/geoforge-bench.XXXXXX)
 PIDS=()
@@ -42,7 +43,8 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port)
 
 # --- upstream + reverse proxy: one nginx, two server blocks -------------------------------
-mkdir -p "$WORK/www" "$WORK/tmp"
+mkdir -p "$WORK/www/upload" "$WORK/tmp"
+chmod 755 "$WORK"; chmod 777 "$WORK/www/upload" # nginx workers run as an unprivileged user
 truncate -s 1G "$WORK/www/big"
 cat > "$WORK/nginx.conf" <<EOF
 worker_processes auto;
@@ -60,7 +62,8 @@ http {
     client_max_body_size 0;
     location = /hello { default_type text/plain; return 200 "hello from the upstream\n"; }
     location = /big { root $WORK/www; }
-    location = /upload { return 200 "ok\n"; }
+    # PUT stores the body (nginx reads all of it before answering), then the run deletes it
+    location /upload/ { root $WORK/www; dav_methods PUT DELETE; create_full_put_path on; client_body_temp_path $WORK/tmp/put; }
   }
   # nginx as the reverse proxy, at its best
   upstream app { server 127.0.0.1:$UP; keepalive 256; }
@@ -117,13 +120,23 @@ to_ms() { # wrk latency (e.g. 1.23ms, 850.00us, 1.02s) → ms
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback"
-read -r N_RPS N_P99 <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"
-read -r S_RPS S_P99 <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"
+# Alternate nginx and sidecar runs and take the median of each (a shared machine is noisy).
+N_R=(); N_P=(); S_R=(); S_P=()
+for i in $(seq 1 "$RUNS"); do
+  read -r r p <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"; N_R+=("$r"); N_P+=("$p")
+  read -r r p <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"; S_R+=("$r"); S_P+=("$p")
+  printf "  run %d: nginx %s req/s p99 %s ms | sidecar %s req/s p99 %s ms\n" "$i" "${N_R[-1]}" "${N_P[-1]}" "${S_R[-1]}" "${S_P[-1]}"
+done
+median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+N_RPS=$(median "${N_R[@]}"); N_P99=$(median "${N_P[@]}")
+S_RPS=$(median "${S_R[@]}"); S_P99=$(median "${S_P[@]}")
+echo "median of $RUNS runs:"
 printf "%-10s %12s %10s\n" proxy "requests/s" "p99 ms"
 printf "%-10s %12s %10s\n" nginx "$N_RPS" "$N_P99"
 printf "%-10s %12s %10s\n" sidecar "$S_RPS" "$S_P99"
 awk -v s="$S_RPS" -v n="$N_RPS" -v sp="$S_P99" -v np="$N_P99" \
   'BEGIN { printf "ratio sidecar/nginx: requests/s %.2fx, p99 %.2fx\n", s/n, sp/np }'
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- RSS while streaming 1 GiB --------------------------------------------------------------
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$SC_PID/status"; }
@@ -138,6 +151,10 @@ peak_during() { # command… → peak RSS (KiB) of the sidecar while it runs
   echo "$peak"
 }
 IDLE=$(rss_kb)
-DOWN=$(peak_during curl -fs -o /dev/null "http://127.0.0.1:$SC/big")
-UPL=$(peak_during sh -c "head -c 1073741824 /dev/zero | curl -fs -o /dev/null -T - -H 'Content-Type: application/octet-stream' http://127.0.0.1:$SC/upload")
-echo "sidecar RSS: idle $((IDLE / 1024)) MiB; peak while streaming 1 GiB down $((DOWN / 1024)) MiB, up $((UPL / 1024)) MiB"
+DOWN=$(peak_during sh -c "curl -fs -o /dev/null -w '%{size_download}' http://127.0.0.1:$SC/big > $WORK/down.size")
+DOWN_SIZE=$(cat "$WORK/down.size")
+UPL=$(peak_during sh -c "head -c 1073741824 /dev/zero | curl -fs -o /dev/null -T - -H 'Content-Type: application/octet-stream' http://127.0.0.1:$SC/upload/big")
+UP_SIZE=$(stat -c %s "$WORK/www/upload/big" 2>/dev/null || echo 0)
+rm -f "$WORK/www/upload/big"
+[ "$UP_SIZE" -eq 1073741824 ] || echo "warning: the upstream stored $UP_SIZE bytes of the upload, not 1 GiB" >&2
+echo "sidecar RSS: idle $((IDLE / 1024)) MiB; peak while streaming 1 GiB down $((DOWN / 1024)) MiB, up $((UPL / 1024)) MiB (client received $DOWN_SIZE bytes; upstream stored $UP_SIZE bytes)"

@@ -335,7 +335,10 @@ async fn proxies_every_method_with_bodies_and_geo_headers() {
     let s = st.last();
     assert_eq!(s.uri, "/over-h2");
     assert_eq!(h(&s, "host"), Some(up.addr.to_string().as_str()));
-    assert_eq!(h(&s, "x-forwarded-host"), Some(format!("127.0.0.1:{}", sc.service).as_str()));
+    assert_eq!(
+        h(&s, "x-forwarded-host"),
+        Some(format!("127.0.0.1:{}", sc.service).as_str())
+    );
     // Tokens are never logged.
     let extra = h(&st.last(), "gitlab-workhorse-geo-proxy-extra-data")
         .unwrap()
@@ -690,4 +693,79 @@ async fn config_switch_after_a_poll_and_last_good_config_kept() {
             .contains("geo_proxy_config_polls_total{result=\"failure\"}")
     );
     assert!(m.text().contains("geo_proxy_config_age_seconds"));
+}
+
+/// An upstream that drops a kept-alive connection when the next request arrives on it (as a
+/// server does when its keep-alive timer fires while a request is in flight): the secondary
+/// retries an idempotent request once on a fresh connection; a POST is not replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_request_retried_once_after_a_stale_pooled_connection() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // requests answered so far; whether a kept-alive connection was dropped
+    let answered = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (a, d) = (answered.clone(), dropped.clone());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let (a, d) = (a.clone(), d.clone());
+            std::thread::spawn(move || {
+                let read_head = |s: &mut std::net::TcpStream| -> Option<String> {
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if s.read(&mut b).ok()? == 0 {
+                            return None;
+                        }
+                        head.push(b[0]);
+                    }
+                    Some(String::from_utf8_lossy(&head).to_string())
+                };
+                let mut served = 0;
+                while let Some(head) = read_head(&mut s) {
+                    if head.starts_with("GET /-/") || head.contains("/api/v4/geo/") {
+                        let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+                        continue;
+                    }
+                    if served == 1 && !d.swap(true, SeqCst) {
+                        return; // stale: close without answering
+                    }
+                    let body = if a.fetch_add(1, SeqCst) == 0 {
+                        "one"
+                    } else {
+                        "two"
+                    };
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    served += 1;
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let k = keys(dir.path());
+    let primary = format!("{{ staticUrl: \"http://{addr}\" }}");
+    let sc = Sidecar::start(
+        dir.path(),
+        "tokyo",
+        &secondary_yaml(dir.path(), &k, &primary, ""),
+    );
+    let r = httpd::get(&format!("{}/a", sc.url()), &[]).await.unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "one"));
+    let r = httpd::get(&format!("{}/b", sc.url()), &[]).await.unwrap();
+    assert_eq!(
+        (r.status, r.text().as_str()),
+        (200, "two"),
+        "retried on a new connection"
+    );
+    assert!(
+        dropped.load(SeqCst),
+        "the pooled connection was dropped under the request"
+    );
 }

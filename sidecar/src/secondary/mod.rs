@@ -720,6 +720,10 @@ impl Secondary {
                 _ = self.ctx.shutdown.cancelled() => return,
                 p = sem.clone().acquire_owned() => p.expect("semaphore"),
             };
+            // Registered before claiming, so a wake-up during the claim is not lost.
+            let notified = self.work.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let n = 1 + sem.available_permits();
             let nm = name.clone();
             let claims = match self.registry.run(move |r| r.claim_due(&nm, n)).await {
@@ -735,7 +739,6 @@ impl Secondary {
             };
             if claims.is_empty() {
                 drop(permit);
-                let notified = self.work.notified();
                 tokio::select! {
                     _ = self.ctx.shutdown.cancelled() => return,
                     _ = notified => {},
