@@ -57,9 +57,15 @@ fn item_events(sc: &Sidecar, key: &SiteKey, item: &str) -> Vec<serde_json::Value
     let signer = SigningKey::from_pem(&key.kid, &pem).unwrap();
     let auth = signer.authorization("paris", &TokenData::scope(Scope::Events));
     let url = format!("{}/api/v4/geo/events?after=0&limit=1000", sc.url());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let r = rt
-        .block_on(geoforge_tests::httpd::get(&url, &[("authorization", auth.as_str())]))
+        .block_on(geoforge_tests::httpd::get(
+            &url,
+            &[("authorization", auth.as_str())],
+        ))
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -161,6 +167,26 @@ fn clone_and_push_need_a_user_when_anonymous_read_is_off() {
     let bare = tmp.join("data/repositories/group/project.git");
     assert_eq!(git(&bare, &["rev-parse", "refs/heads/main"]), head);
     assert_eq!(push_events(&sc, "group/project.git"), 1, "{}", sc.log());
+
+    // A push larger than git's postBuffer (1 MiB) goes chunked, without Content-Length:
+    // streamed to http-backend's stdin.
+    let mut noise = Vec::with_capacity(3 << 20);
+    let mut x: u64 = 0x9e3779b97f4a7c15;
+    while noise.len() < 3 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(work.join("big.bin"), &noise).unwrap();
+    git(&work, &["add", "big.bin"]);
+    git(&work, &["commit", "-q", "-m", "big"]);
+    git(&work, &["push", "-q", "origin", "main"]);
+    assert_eq!(
+        git(&bare, &["rev-parse", "refs/heads/main"]),
+        git(&work, &["rev-parse", "HEAD"])
+    );
+    assert_eq!(push_events(&sc, "group/project.git"), 2);
 
     // Pushing anonymously to the public repository: refused, nothing recorded.
     commit(&tmp.join("pub"), "anonymous push");

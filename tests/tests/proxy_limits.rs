@@ -187,3 +187,56 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         .unwrap();
     assert_eq!(code, Some(0));
 }
+
+/// With `maxConnections: 2`, a third client waits (in the accept backlog) until one of the
+/// first two goes away, then is served.
+#[test]
+fn connection_limit_holds_further_clients_back() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let (up, st) = counting_upstream();
+    let k = site_key(dir.path(), "tokyo");
+    let p = site_key(dir.path(), "paris");
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    let yaml = format!(
+        r#"siteId: tokyo
+role: secondary
+externalUrl: http://tokyo.example.test
+allowInsecure: true
+stateDir: {state}
+storageRoot: {data}
+primary: {{ staticUrl: "{upstream}" }}
+keys:
+  kid: tokyo.1
+  privateKeyFile: {key}
+  trusted: [{{ kid: paris.1, publicKey: {pk} }}]
+proxy: {{ maxConnections: 2, headerReadTimeout: 60s }}
+"#,
+        state = dir.path().join("state").display(),
+        data = dir.path().join("data").display(),
+        upstream = up.url(),
+        key = k.file.display(),
+        pk = p.public,
+    );
+    let sc = Sidecar::start(dir.path(), "tokyo", &yaml);
+    let addr = format!("127.0.0.1:{}", sc.service);
+    let c1 = std::net::TcpStream::connect(&addr).unwrap();
+    let _c2 = std::net::TcpStream::connect(&addr).unwrap();
+    let mut c3 = std::net::TcpStream::connect(&addr).unwrap();
+    c3.write_all(b"GET /third HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    c3.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        c3.read(&mut buf).is_err(),
+        "the third connection must wait while two are open"
+    );
+    assert_eq!(st.hits.load(SeqCst), 0);
+    drop(c1);
+    c3.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = c3.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(st.hits.load(SeqCst), 1);
+}

@@ -439,36 +439,32 @@ async fn retrieve(State(p): P, req: Request) -> Resp {
     )
 }
 
-/// Streams a file from a blocking reader thread in 1 MiB chunks (bounded queue: memory stays
+/// Streams a file from a blocking reader thread in 2 MiB chunks (bounded queue: memory stays
 /// flat however large the file).
 fn stream_file(mut file: std::fs::File, len: u64, checksum: &str) -> Resp {
+    const CHUNK: u64 = 2 << 20;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         let mut left = len;
         while left > 0 {
-            let n = (1usize << 20).min(left as usize);
-            let mut buf = bytes::BytesMut::zeroed(n);
-            let mut got = 0;
-            while got < n {
-                match file.read(&mut buf[got..]) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ = tx.blocking_send(Err(e));
-                        return;
-                    }
+            let n = CHUNK.min(left) as usize;
+            // `read_to_end` into spare capacity: no zeroing of the chunk.
+            let mut buf = Vec::with_capacity(n);
+            match (&mut file).take(n as u64).read_to_end(&mut buf) {
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
                 }
             }
-            if got == 0 {
+            if buf.is_empty() {
                 // Truncated while streaming: fail the body rather than send short data.
                 let _ = tx.blocking_send(Err(std::io::Error::other("file shrank while streaming")));
                 return;
             }
-            buf.truncate(got);
-            left -= got as u64;
-            if tx.blocking_send(Ok(buf.freeze())).is_err() {
+            left -= buf.len() as u64;
+            if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                 return;
             }
         }

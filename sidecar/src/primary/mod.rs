@@ -532,15 +532,58 @@ impl Primary {
         let mut failures = 0u64;
         let mut last_log = Instant::now();
         let mut batch: Vec<Upsert> = vec![];
-        let mut stream = futures::stream::iter(changed.into_iter().map(|f| {
-            let expect = Expect::Fingerprint(known.get(&f.id).cloned());
-            let path = rep.root.join(&f.id);
-            async move {
-                let r = self.checksum(rep, path).await;
-                (f, expect, r)
+        let par = self.checksum_slots.available_permits().max(1) * 2;
+        let items: Vec<(scan::Found, Expect)> = changed
+            .into_iter()
+            .map(|f| {
+                let e = Expect::Fingerprint(known.get(&f.id).cloned());
+                (f, e)
+            })
+            .collect();
+        type Checked = (scan::Found, Expect, std::io::Result<(String, u64)>);
+        let mut stream: futures::stream::BoxStream<'_, Checked> = match rep.kind {
+            // Blobs: one blocking task per batch of files (small files are dominated by the
+            // per-read hop to the blocking pool otherwise).
+            DataType::Blob => {
+                let mut chunks: Vec<Vec<(scan::Found, Expect)>> = vec![];
+                let mut it = items.into_iter().peekable();
+                while it.peek().is_some() {
+                    chunks.push(it.by_ref().take(64).collect());
+                }
+                futures::stream::iter(chunks.into_iter().map(|chunk| {
+                    let root = rep.root.clone();
+                    let slots = self.checksum_slots.clone();
+                    async move {
+                        let _slot = slots.acquire_owned().await;
+                        tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; 256 * 1024];
+                            chunk
+                                .into_iter()
+                                .map(|(f, e)| {
+                                    let r =
+                                        scan::blob_checksum_blocking(&root.join(&f.id), &mut buf);
+                                    (f, e, r)
+                                })
+                                .collect::<Vec<Checked>>()
+                        })
+                        .await
+                        .unwrap_or_default()
+                    }
+                }))
+                .buffer_unordered(par)
+                .flat_map(futures::stream::iter)
+                .boxed()
             }
-        }))
-        .buffer_unordered(self.checksum_slots.available_permits().max(1) * 2);
+            DataType::Repository => futures::stream::iter(items.into_iter().map(|(f, expect)| {
+                let path = rep.root.join(&f.id);
+                async move {
+                    let r = self.checksum(rep, path).await;
+                    (f, expect, r)
+                }
+            }))
+            .buffer_unordered(par)
+            .boxed(),
+        };
         while let Some((f, expect, r)) = stream.next().await {
             done += 1;
             match r {

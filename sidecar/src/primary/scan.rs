@@ -123,6 +123,29 @@ pub fn stat_item(kind: DataType, path: &Path) -> Option<Found> {
     }
 }
 
+/// SHA-256 (hex) and size of a blob, blocking. The same definition as
+/// [`crate::checksum::blob_checksum`] (a test keeps them equal); the bulk scan uses it to
+/// checksum a batch of small files in one blocking task.
+pub fn blob_checksum_blocking(path: &Path, buf: &mut [u8]) -> std::io::Result<(String, u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut size = 0u64;
+    loop {
+        let n = match f.read(buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((hex::encode(h.finalize()), size))
+}
+
 /// Result of walking a replicable's root.
 #[derive(Debug, Default)]
 pub struct Walk {
@@ -235,6 +258,21 @@ pub fn create_marker(root: &Path) -> std::io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn blocking_blob_checksum_equals_the_shared_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut buf = vec![0u8; 4096];
+        for (i, len) in [0usize, 1, 4095, 4096, 300_000].into_iter().enumerate() {
+            let p = dir.path().join(format!("b{i}"));
+            let data: Vec<u8> = (0..len).map(|x| (x * 7 + i) as u8).collect();
+            std::fs::write(&p, &data).unwrap();
+            assert_eq!(
+                blob_checksum_blocking(&p, &mut buf).unwrap(),
+                crate::checksum::blob_checksum(&p).await.unwrap()
+            );
+        }
+    }
 
     #[test]
     fn walks_blobs_without_symlinks_or_marker() {

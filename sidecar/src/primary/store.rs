@@ -320,10 +320,10 @@ fn insert_event(
     checksum: Option<&str>,
     at: i64,
 ) -> rusqlite::Result<GeoEvent> {
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO events (replicable, item_id, kind, checksum, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![replicable, id, kind.as_str(), checksum, at],
-    )?;
+    )?
+    .execute(params![replicable, id, kind.as_str(), checksum, at])?;
     Ok(GeoEvent {
         id: tx.last_insert_rowid(),
         replicable: replicable.to_string(),
@@ -334,25 +334,33 @@ fn insert_event(
     })
 }
 
+/// The row's `(fingerprint, checksum)`, if any.
+fn current(
+    tx: &Transaction<'_>,
+    replicable: &str,
+    id: &str,
+) -> rusqlite::Result<Option<(String, String)>> {
+    tx.prepare_cached(
+        "SELECT fingerprint, checksum FROM items WHERE replicable = ?1 AND item_id = ?2",
+    )?
+    .query_row(params![replicable, id], |r| Ok((r.get(0)?, r.get(1)?)))
+    .optional()
+}
+
+fn holds(expect: &Expect, cur: &Option<(String, String)>) -> bool {
+    match expect {
+        Expect::Any => true,
+        Expect::Fingerprint(fp) => fp.as_deref() == cur.as_ref().map(|c| c.0.as_str()),
+    }
+}
+
 fn expectation_holds(
     tx: &Transaction<'_>,
     replicable: &str,
     id: &str,
     expect: &Expect,
 ) -> rusqlite::Result<bool> {
-    match expect {
-        Expect::Any => Ok(true),
-        Expect::Fingerprint(fp) => {
-            let cur: Option<String> = tx
-                .query_row(
-                    "SELECT fingerprint FROM items WHERE replicable = ?1 AND item_id = ?2",
-                    params![replicable, id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            Ok(&cur == fp)
-        }
-    }
+    Ok(holds(expect, &current(tx, replicable, id)?))
 }
 
 /// Applies new item states in one transaction: created/updated events for new items and
@@ -366,25 +374,24 @@ pub fn upsert_items(
     let now = now_ms();
     let mut events = vec![];
     let mut conflicts = vec![];
+    let any_paused = tx
+        .prepare_cached("SELECT 1 FROM paused_deletes WHERE replicable = ?1 LIMIT 1")?
+        .query_row(params![replicable], |_| Ok(()))
+        .optional()?
+        .is_some();
     for u in ups {
-        if !expectation_holds(&tx, replicable, &u.item_id, &u.expect)? {
+        let cur = current(&tx, replicable, &u.item_id)?;
+        if !holds(&u.expect, &cur) {
             conflicts.push(u.item_id.clone());
             continue;
         }
-        let prev: Option<String> = tx
-            .query_row(
-                "SELECT checksum FROM items WHERE replicable = ?1 AND item_id = ?2",
-                params![replicable, u.item_id],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match prev {
+        match cur.map(|c| c.1) {
             None => {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO items (replicable, item_id, size, checksum, fingerprint, updated_at, verified_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
-                    params![replicable, u.item_id, u.size as i64, u.checksum, u.fingerprint, now],
-                )?;
+                )?
+                .execute(params![replicable, u.item_id, u.size as i64, u.checksum, u.fingerprint, now])?;
                 events.push(insert_event(
                     &tx,
                     replicable,
@@ -395,11 +402,11 @@ pub fn upsert_items(
                 )?);
             }
             Some(old) if old != u.checksum => {
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE items SET size = ?3, checksum = ?4, fingerprint = ?5, updated_at = ?6, verified_at = ?6,
                      verification_failure = NULL WHERE replicable = ?1 AND item_id = ?2",
-                    params![replicable, u.item_id, u.size as i64, u.checksum, u.fingerprint, now],
-                )?;
+                )?
+                .execute(params![replicable, u.item_id, u.size as i64, u.checksum, u.fingerprint, now])?;
                 events.push(insert_event(
                     &tx,
                     replicable,
@@ -410,18 +417,18 @@ pub fn upsert_items(
                 )?);
             }
             Some(_) => {
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE items SET size = ?3, fingerprint = ?4, verified_at = ?5, verification_failure = NULL
                      WHERE replicable = ?1 AND item_id = ?2",
-                    params![replicable, u.item_id, u.size as i64, u.fingerprint, now],
-                )?;
+                )?
+                .execute(params![replicable, u.item_id, u.size as i64, u.fingerprint, now])?;
             }
         }
-        // An item that is back is no longer a delete candidate.
-        tx.execute(
-            "DELETE FROM paused_deletes WHERE replicable = ?1 AND item_id = ?2",
-            params![replicable, u.item_id],
-        )?;
+        if any_paused {
+            // An item that is back is no longer a delete candidate.
+            tx.prepare_cached("DELETE FROM paused_deletes WHERE replicable = ?1 AND item_id = ?2")?
+                .execute(params![replicable, u.item_id])?;
+        }
     }
     tx.commit()?;
     Ok((events, conflicts))

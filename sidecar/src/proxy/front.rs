@@ -23,7 +23,7 @@ use crate::forge::EmbeddedForge;
 use crate::forge::report_status::PushDetectBody;
 use crate::proxy::headers::{self, TrustedProxies};
 use crate::proxy::metrics::{ProxyMetrics, RequestLabels, TargetLabels, UpstreamErrorLabels};
-use crate::proxy::route::{self, Accelerator, Target};
+use crate::proxy::route::{self, Target};
 use crate::proxy::upstream::{Upstream, UpstreamError};
 use axum::body::Body;
 use geoforge_crds::auth::{PROXY_EXTRA_DATA_HEADER, PROXY_HEADER, Scope};
@@ -53,7 +53,6 @@ pub struct Front {
     geo_api: Option<axum::Router>,
     forge: Option<ForgeBackend>,
     primary: Option<PrimaryWatch>,
-    accelerator: Option<Arc<dyn Accelerator>>,
     /// Secondary read acceleration (Git fetches, LFS downloads, push forwarding).
     read_accel: Option<Arc<crate::accel::Accelerator>>,
     push_sink: Option<Arc<dyn PushSink>>,
@@ -105,7 +104,6 @@ impl Front {
             geo_api,
             forge,
             primary,
-            accelerator: None,
             read_accel: None,
             push_sink,
             extra_data: Mutex::new(None),
@@ -118,12 +116,6 @@ impl Front {
     /// Plugs in the secondary's read accelerator ([`crate::accel`]).
     pub fn with_read_accelerator(mut self, a: Arc<crate::accel::Accelerator>) -> Front {
         self.read_accel = Some(a);
-        self
-    }
-
-    /// Plugs in read acceleration (secondaries).
-    pub fn with_accelerator(mut self, a: Arc<dyn Accelerator>) -> Front {
-        self.accelerator = Some(a);
         self
     }
 
@@ -198,12 +190,7 @@ impl Front {
         let primary_url = self.primary.as_ref().and_then(|w| w.borrow().clone());
         let target = {
             let (parts, body) = req.into_parts();
-            let t = route::pick_target(
-                self.ctx.config.role,
-                &parts,
-                self.accelerator.as_deref(),
-                primary_url.as_deref(),
-            );
+            let t = route::pick_target(self.ctx.config.role, &parts, primary_url.as_deref());
             req = Request::from_parts(parts, body);
             t
         };
@@ -241,18 +228,6 @@ impl Front {
             Target::Primary(url) => self.serve_primary(req, &ingress, &url).await,
             Target::Unavailable => {
                 primary_unavailable(req.headers(), "the primary site is unknown")
-            }
-            Target::Local(name) => {
-                // No accelerated route is wired in yet: an accelerator that claims a request
-                // must also serve it; until then this is unreachable in practice.
-                tracing::warn!(
-                    route = name,
-                    "accelerated route without a handler; proxying"
-                );
-                match primary_url {
-                    Some(u) => self.serve_primary(req, &ingress, &u).await,
-                    None => primary_unavailable(req.headers(), "the primary site is unknown"),
-                }
             }
         };
         (label, resp)

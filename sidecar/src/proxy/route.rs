@@ -5,9 +5,12 @@
 //! |---|---|---|
 //! | primary | `/api/v4/geo` and below | [`Target::GeoApi`] (in-process Geo API) |
 //! | primary, disabled | everything else | [`Target::Forge`] (embedded `git http-backend` or `forge.upstreamUrl`) |
-//! | secondary | accelerable and fresh (later: Git fetch, LFS downloads) | [`Target::Local`] |
-//! | secondary | everything else, primary known | [`Target::Primary`] |
-//! | secondary | everything else, primary unknown | [`Target::Unavailable`] (503) |
+//! | secondary | primary known | [`Target::Primary`], through the read accelerator |
+//! | secondary | primary unknown | [`Target::Unavailable`] (503), through the read accelerator |
+//!
+//! On a secondary both targets pass through [`crate::accel::Accelerator`], which answers from
+//! the replica what it can prove fresh and authorized (Git fetches, LFS downloads; its own
+//! table is in [`crate::accel`]) and hands everything else back to be proxied or refused.
 
 use geoforge_crds::geosite::SiteRole;
 use http::request::Parts;
@@ -19,8 +22,6 @@ pub enum Target {
     GeoApi,
     /// The forge this site fronts.
     Forge,
-    /// Served from this secondary's replica (acceleration; see [`Accelerator`]).
-    Local(&'static str),
     /// Streamed to the primary at this internal URL.
     Primary(String),
     /// The primary is unknown: 503 with `Retry-After`.
@@ -31,18 +32,11 @@ impl Target {
     /// The `target` metric label.
     pub fn label(&self) -> &'static str {
         match self {
-            Target::GeoApi | Target::Local(_) => "local",
+            Target::GeoApi => "local",
             Target::Forge => "forge",
             Target::Primary(_) | Target::Unavailable => "primary",
         }
     }
-}
-
-/// The acceleration hook of a secondary: return `Some(route name)` to serve a request from
-/// the replica (DESIGN §3). The accelerated-read work plugs in here; until then every
-/// request of a secondary is proxied.
-pub trait Accelerator: Send + Sync {
-    fn accelerate(&self, req: &Parts) -> Option<&'static str>;
 }
 
 /// Whether a path is the primary's Geo API.
@@ -51,24 +45,14 @@ pub fn is_geo_api(path: &str) -> bool {
 }
 
 /// The route table.
-pub fn pick_target(
-    role: SiteRole,
-    req: &Parts,
-    accelerator: Option<&dyn Accelerator>,
-    primary_url: Option<&str>,
-) -> Target {
+pub fn pick_target(role: SiteRole, req: &Parts, primary_url: Option<&str>) -> Target {
     match role {
         SiteRole::Primary if is_geo_api(req.uri.path()) => Target::GeoApi,
         SiteRole::Primary | SiteRole::Disabled => Target::Forge,
-        SiteRole::Secondary => {
-            if let Some(route) = accelerator.and_then(|a| a.accelerate(req)) {
-                return Target::Local(route);
-            }
-            match primary_url {
-                Some(u) => Target::Primary(u.to_string()),
-                None => Target::Unavailable,
-            }
-        }
+        SiteRole::Secondary => match primary_url {
+            Some(u) => Target::Primary(u.to_string()),
+            None => Target::Unavailable,
+        },
     }
 }
 
@@ -109,26 +93,17 @@ mod tests {
     #[test]
     fn table() {
         let p = parts("/api/v4/geo/events");
-        assert_eq!(
-            pick_target(SiteRole::Primary, &p, None, None),
-            Target::GeoApi
-        );
+        assert_eq!(pick_target(SiteRole::Primary, &p, None), Target::GeoApi);
         let p = parts("/api/v4/geology");
-        assert_eq!(
-            pick_target(SiteRole::Primary, &p, None, None),
-            Target::Forge
-        );
+        assert_eq!(pick_target(SiteRole::Primary, &p, None), Target::Forge);
         let p = parts("/g/p.git/info/refs");
+        assert_eq!(pick_target(SiteRole::Disabled, &p, None), Target::Forge);
         assert_eq!(
-            pick_target(SiteRole::Disabled, &p, None, None),
-            Target::Forge
-        );
-        assert_eq!(
-            pick_target(SiteRole::Secondary, &p, None, Some("http://p")),
+            pick_target(SiteRole::Secondary, &p, Some("http://p")),
             Target::Primary("http://p".into())
         );
         assert_eq!(
-            pick_target(SiteRole::Secondary, &p, None, None),
+            pick_target(SiteRole::Secondary, &p, None),
             Target::Unavailable
         );
         assert_eq!(

@@ -63,7 +63,9 @@ impl Upstream {
         let tls = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
             .unwrap_or_else(|e| {
-                tracing::warn!("no system CA certificates ({e}): https upstreams will fail verification");
+                tracing::warn!(
+                    "no system CA certificates ({e}): https upstreams will fail verification"
+                );
                 let config = rustls::ClientConfig::builder_with_provider(Arc::new(
                     rustls::crypto::ring::default_provider(),
                 ))
