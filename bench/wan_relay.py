@@ -112,13 +112,19 @@ class Direction:
         in_flight = int(rate_bps / 8 * delay_s) if rate_bps > 0 else 16 * 1024 * 1024
         self.line = ByteQueue(queue_bytes + in_flight + 2 * CHUNK)
         self.bytes = 0
+        self.ended = None  # (monotonic time, "eof" | error) when the source stopped
 
     async def read_loop(self):
         try:
             while True:
-                data = await self.reader.read(CHUNK)
+                try:
+                    data = await self.reader.read(CHUNK)
+                except (ConnectionError, OSError) as e:
+                    self.ended = (time.monotonic(), type(e).__name__)
+                    raise
                 now = time.monotonic()
                 if not data:
+                    self.ended = (now, "eof")
                     break
                 departed = self.bucket.depart(len(data), now)
                 await self.line.put((data, departed + self.delay), len(data))
@@ -191,10 +197,16 @@ async def handle(client_r, client_w, args, conns):
         conns.discard(asyncio.current_task())
         if args.stats:
             dt = time.monotonic() - start
+            ends = sorted(
+                (e[0], side, e[1]) for side, e in (("client", up.ended), ("target", down.ended)) if e
+            )
+            first = f"{ends[0][1]} {ends[0][2]}" if ends else "relay stopped"
             print(
-                f"wan_relay: conn done in {dt:.2f}s up={up.bytes}B down={down.bytes}B "
-                f"(down {down.bytes * 8 / max(dt, 1e-9) / 1e6:.1f} Mbit/s)",
+                f"wan_relay: {time.strftime('%H:%M:%S', time.gmtime())} conn done in {dt:.2f}s "
+                f"up={up.bytes}B down={down.bytes}B "
+                f"(down {down.bytes * 8 / max(dt, 1e-9) / 1e6:.1f} Mbit/s), first end: {first}",
                 file=sys.stderr,
+                flush=True,
             )
 
 
@@ -221,9 +233,12 @@ async def main():
     args.queue = max(CHUNK, int(args.queue_kb * 1024))
 
     conns: set = set()
-    server = await asyncio.start_server(
-        lambda r, w: handle(r, w, args, conns), listen[0], listen[1], reuse_address=True
-    )
+    try:
+        server = await asyncio.start_server(
+            lambda r, w: handle(r, w, args, conns), listen[0], listen[1], reuse_address=True
+        )
+    except OSError as e:
+        raise SystemExit(f"wan_relay: cannot listen on {args.listen}: {e.strerror}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

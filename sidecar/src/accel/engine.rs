@@ -32,7 +32,13 @@ pub enum Intercept {
     /// Answered here (the `&str` is the route name for metrics).
     Served(&'static str, Resp),
     /// Proxy this request, then hand the response to [`Accelerator::complete`].
-    Proxy(Request<Body>, Pending),
+    Proxy(Box<Request<Body>>, Pending),
+}
+
+impl Intercept {
+    fn proxy(req: Request<Body>, pending: Pending) -> Intercept {
+        Intercept::Proxy(Box::new(req), pending)
+    }
 }
 
 /// What to do with the proxied response.
@@ -153,17 +159,17 @@ impl Accelerator {
         if let Some(stripped) = strip_push_prefix(&path) {
             let req = with_path(req, &stripped);
             return match self.mapper.map(&stripped) {
-                Some(target) => Intercept::Proxy(
+                Some(target) => Intercept::proxy(
                     req,
                     Pending {
                         kind: PendingKind::Push { target },
                     },
                 ),
-                None => Intercept::Proxy(req, Pending::none()),
+                None => Intercept::proxy(req, Pending::none()),
             };
         }
         let Some(target) = self.mapper.map(&path) else {
-            return Intercept::Proxy(req, Pending::none());
+            return Intercept::proxy(req, Pending::none());
         };
         let git_protocol = req
             .headers()
@@ -181,17 +187,17 @@ impl Accelerator {
                 if let Some(resp) = self.push_redirect(&path, &query) {
                     return Intercept::Served("push_redirect", resp);
                 }
-                Intercept::Proxy(req, Pending::none())
+                Intercept::proxy(req, Pending::none())
             }
             (&Method::POST, "/info/lfs/objects/batch") if self.config.acceleration.enabled => {
-                Intercept::Proxy(
+                Intercept::proxy(
                     req,
                     Pending {
                         kind: PendingKind::LfsBatch,
                     },
                 )
             }
-            (&Method::POST, "/git-receive-pack") => Intercept::Proxy(
+            (&Method::POST, "/git-receive-pack") => Intercept::proxy(
                 req,
                 Pending {
                     kind: PendingKind::Push { target },
@@ -199,9 +205,9 @@ impl Accelerator {
             ),
             (&Method::GET, "/info/refs") if query_has(&query, "service", "git-upload-pack") => {
                 if !self.config.acceleration.enabled {
-                    return Intercept::Proxy(req, Pending::none());
+                    return Intercept::proxy(req, Pending::none());
                 }
-                Intercept::Proxy(
+                Intercept::proxy(
                     req,
                     Pending {
                         kind: PendingKind::InfoRefs { key, target },
@@ -212,7 +218,7 @@ impl Accelerator {
                 self.intercept_upload_pack(req, key, target, git_protocol, primary_known)
                     .await
             }
-            _ => Intercept::Proxy(req, Pending::none()),
+            _ => Intercept::proxy(req, Pending::none()),
         }
     }
 
@@ -251,7 +257,7 @@ impl Accelerator {
         };
         if let Err(rest) = complete {
             self.metrics.proxied("too_large");
-            return Intercept::Proxy(reassemble(parts, buffered, Some(rest)), Pending::none());
+            return Intercept::proxy(reassemble(parts, buffered, Some(rest)), Pending::none());
         }
         let gzip = parts
             .headers
@@ -262,7 +268,7 @@ impl Accelerator {
                 Some(p) => Bytes::from(p),
                 None => {
                     self.metrics.proxied("capability");
-                    return Intercept::Proxy(reassemble(parts, buffered, None), Pending::none());
+                    return Intercept::proxy(reassemble(parts, buffered, None), Pending::none());
                 }
             }
         } else {
@@ -270,11 +276,13 @@ impl Accelerator {
         };
         let parsed = match request::parse(&plain) {
             Ok(p) => p,
-            Err(_) => return Intercept::Proxy(reassemble(parts, buffered, None), Pending::none()),
+            Err(_) => {
+                return Intercept::proxy(reassemble(parts, buffered, None), Pending::none());
+            }
         };
         if parsed.v2 && parsed.command == "ls-refs" {
             let digest: [u8; 32] = sha2::Sha256::digest(&plain).into();
-            return Intercept::Proxy(
+            return Intercept::proxy(
                 reassemble(parts, buffered, None),
                 Pending {
                     kind: PendingKind::LsRefs {
@@ -286,7 +294,7 @@ impl Accelerator {
             );
         }
         if parsed.command != "fetch" {
-            return Intercept::Proxy(reassemble(parts, buffered, None), Pending::none());
+            return Intercept::proxy(reassemble(parts, buffered, None), Pending::none());
         }
         let primary_down = !primary_known || self.primary_down.load(Ordering::Relaxed);
         let reason = self
@@ -310,7 +318,7 @@ impl Accelerator {
                     Some(resp) => Intercept::Served("git_upload_pack", resp),
                     None => {
                         self.metrics.proxied("local_error");
-                        Intercept::Proxy(reassemble(parts, buffered, None), Pending::none())
+                        Intercept::proxy(reassemble(parts, buffered, None), Pending::none())
                     }
                 }
             }
@@ -328,7 +336,7 @@ impl Accelerator {
                         reason,
                     },
                 };
-                Intercept::Proxy(reassemble(parts, buffered, None), pending)
+                Intercept::proxy(reassemble(parts, buffered, None), pending)
             }
         }
     }

@@ -209,7 +209,7 @@ impl Front {
                 match accel.intercept(req, ingress.client, true).await {
                     Intercept::Served(_, resp) => return ("local", resp),
                     Intercept::Proxy(req, pending) => {
-                        let resp = self.serve_primary(req, &ingress, &url).await;
+                        let resp = self.serve_primary(*req, &ingress, &url).await;
                         accel.complete(pending, resp).await
                     }
                 }
