@@ -205,9 +205,15 @@ fn bench_backfill_small_blobs() {
         Duration::from_secs(3600),
     );
     let secs = t0.elapsed().as_secs_f64();
-    let m = http(&format!("127.0.0.1:{}", s.admin), "GET", "/-/metrics", &[], b"")
-        .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let m = http(
+        &format!("127.0.0.1:{}", s.admin),
+        "GET",
+        "/-/metrics",
+        &[],
+        b"",
+    )
+    .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
+    .unwrap_or_default();
     let sample = |name: &str| -> f64 {
         m.lines()
             .find(|l| l.starts_with(name))
