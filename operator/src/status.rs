@@ -8,8 +8,8 @@
 //! replica with its own registry): the fewest synced/verified, the most failed/pending, the
 //! smallest cursor, the largest lag. Summing instances would double-count.
 //!
-//! `POST /-/geo/confirm-deletes` body (our assumption, DESIGN §4 names only the route):
-//! `{"replicable": "<name>", "window_id": "<id>"}`.
+//! `POST /-/geo/confirm-deletes` body: `geoforge_crds::wire::ConfirmDeletes`
+//! (`{"replicable": "<name>", "window_id": "<id>"}`), the type both sidecar roles parse.
 
 use crate::build::{ADMIN_PORT, headless_service_name, statefulset_name};
 use crate::controller::KeyCache;
@@ -331,7 +331,11 @@ impl Aggregator {
                 .cloned();
             let Some(key) = key else { continue };
             for base in confirm_targets(rep, window, reports) {
-                let body = serde_json::json!({ "replicable": rep.name_any(), "window_id": window });
+                let body = serde_json::to_value(geoforge_crds::wire::ConfirmDeletes {
+                    replicable: Some(rep.name_any()),
+                    window_id: Some(window.to_string()),
+                })
+                .expect("serializable");
                 let auth = key.authorization(&name, &TokenData::scope(Scope::Admin));
                 let url = format!("{base}/-/geo/confirm-deletes");
                 match request(

@@ -1365,6 +1365,12 @@ fn geo_api_status_and_metrics() {
         m.contains("geo_catalog_items{replicable=\"files\"} 1"),
         "{m}"
     );
+    // Unknown routes and wrong methods under the Geo API still answer JSON with the version.
+    for (method, path) in [("GET", "/api/v4/geo/nope"), ("GET", "/api/v4/geo/status")] {
+        let r = request(s.service, method, path, &[], b"");
+        assert!(r.status == 404 || r.status == 405, "{path}: {}", r.status);
+        assert!(r.header("geo-api-version").is_some(), "{path}");
+    }
     assert!(
         m.lines().any(|l| l.starts_with("geo_last_event_id ")),
         "{m}"

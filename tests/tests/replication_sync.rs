@@ -324,9 +324,17 @@ fn file_not_found_backs_off_and_a_409_resyncs_the_new_version() {
         s.blobs.insert("d".into(), new.clone());
     });
     f.event(fake::Created, "d", Some(sha256(&old)));
-    wait_until(TIMEOUT, "d synced at the new version", || {
-        (registry_row(dir, "blobs", "d")? == (2, Some(sha256(&new)))).then_some(())
-    });
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while registry_row(dir, "blobs", "d") != Some((2, Some(sha256(&new)))) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "d not synced at the new version: row {:?}, retrieves {:?}\n{}",
+            registry_row(dir, "blobs", "d"),
+            f.with(|s| s.retrieves.clone()),
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
     assert_eq!(std::fs::read(s_blobs(dir).join("d")).unwrap(), new);
     let seen = f.with(|s| {
         s.retrieves

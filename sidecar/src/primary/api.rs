@@ -44,6 +44,7 @@ pub fn geo_routes(p: Arc<Primary>) -> Router {
         .route("/api/v4/geo/status", post(report_status))
         .route("/api/v4/geo/sites", get(sites))
         .route("/api/v4/geo/hooks", post(hooks))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such Geo API route", true) })
         .layer(axum::middleware::map_response(|r: Resp| async move {
             with_api_version(r)
         }))
@@ -944,12 +945,10 @@ async fn admin_status(State(p): P, req: Request) -> Resp {
     )
 }
 
-#[derive(serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ConfirmBody {
-    #[serde(default)]
-    window_id: Option<String>,
-}
+/// The body of `POST /-/geo/confirm-deletes`: the shared wire type (the operator relays the
+/// `geoforge.dev/confirm-deletes` annotation with it); `replicable` is informational here,
+/// since a window id names its pause.
+type ConfirmBody = geoforge_crds::wire::ConfirmDeletes;
 
 #[derive(Serialize)]
 struct ConfirmResult {
@@ -972,7 +971,11 @@ async fn confirm_deletes(State(p): P, req: Request) -> Resp {
     } else {
         match serde_json::from_slice(&b) {
             Ok(c) => c,
-            Err(_) => return bad_request("body must be {\"window_id\": \"…\"} or empty"),
+            Err(_) => {
+                return bad_request(
+                    "body must be {\"window_id\": \"…\", \"replicable\": \"…\"} or empty",
+                );
+            }
         }
     };
     let window = body.window_id.or_else(|| q.get("window_id").cloned());

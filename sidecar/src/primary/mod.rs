@@ -532,6 +532,7 @@ impl Primary {
         let mut failures = 0u64;
         let mut last_log = Instant::now();
         let mut batch: Vec<Upsert> = vec![];
+        let mut in_flight: Option<tokio::task::JoinHandle<anyhow::Result<Vec<GeoEvent>>>> = None;
         let par = self.checksum_slots.available_permits().max(1) * 2;
         let items: Vec<(scan::Found, Expect)> = changed
             .into_iter()
@@ -609,7 +610,19 @@ impl Primary {
                 }
             }
             if batch.len() >= 500 {
-                self.commit_batch(rep, std::mem::take(&mut batch)).await?;
+                // One commit in flight while hashing goes on; batches commit in order.
+                if let Some(h) = in_flight.take() {
+                    self.published(&join_commit(h).await?);
+                }
+                let (st, name, b) = (
+                    self.store.clone(),
+                    rep.name.clone(),
+                    std::mem::take(&mut batch),
+                );
+                in_flight = Some(tokio::spawn(async move {
+                    st.call(move |c| Ok(store::upsert_items(c, &name, &b)?.0))
+                        .await
+                }));
                 self.metrics
                     .scan_done
                     .get_or_create(&labels)
@@ -628,6 +641,9 @@ impl Primary {
             }
         }
         drop(stream);
+        if let Some(h) = in_flight.take() {
+            self.published(&join_commit(h).await?);
+        }
         self.commit_batch(rep, batch).await?;
         self.metrics
             .scan_done
@@ -721,6 +737,13 @@ impl Primary {
             }
         }
     }
+}
+
+async fn join_commit(
+    h: tokio::task::JoinHandle<anyhow::Result<Vec<GeoEvent>>>,
+) -> anyhow::Result<Vec<GeoEvent>> {
+    h.await
+        .map_err(|e| anyhow::anyhow!("catalog commit task failed: {e}"))?
 }
 
 pub(crate) fn sha256(b: &[u8]) -> [u8; 32] {
