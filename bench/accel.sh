@@ -17,7 +17,8 @@
 #
 # Env: RUNS=3 RUNS_SLOW=3 (20 Mbit/s runs) STORM=20 DELAY_MS=50 (one way) RATE_MBIT=100
 #      SLOW_MBIT=20 CLONE_TIMEOUT=900 KEEP=0 (1: keep the work dir)
-#      ACCEL_ONLY=all|big|storm|prepare (prepare: build and generate the repositories only)
+#      ACCEL_ONLY=all|big|storm|overhead|prepare (prepare: build and generate the repositories
+#      only; overhead: ls-remote round trips and clones of the replica by http-backend)
 # Needs: git, curl, python3, nginx, fcgiwrap (apt-get when missing), cargo.
 set -euo pipefail
 
@@ -42,10 +43,14 @@ log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/notes.txt" >&2; }
 
 # ---------------------------------------------------------------- stop everything on exit ---
 PIDS=()
+FCGI_PID=""; FCGI_PGID=""
 cleanup() {
   set +e
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-  [ -f "$WORK/nginx.pid" ] && kill -TERM "$(cat "$WORK/nginx.pid")" 2>/dev/null
+  # fcgiwrap's preforked children outlive their parent: stop its whole process group.
+  [ -n "$FCGI_PGID" ] && kill -TERM -- "-$FCGI_PGID" 2>/dev/null
+  [ -n "$FCGI_PID" ] && kill -TERM "$FCGI_PID" 2>/dev/null
+  [ -f "$WORK/nginx.pid" ] && kill -TERM "$(cat "$WORK/nginx.pid" 2>/dev/null)" 2>/dev/null
   # bounded wait for them to go, then KILL what is left
   for _ in $(seq 1 50); do
     alive=0
@@ -54,6 +59,7 @@ cleanup() {
     sleep 0.1
   done
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  [ -n "$FCGI_PGID" ] && kill -KILL -- "-$FCGI_PGID" 2>/dev/null
   for f in primary/sidecar.log secondary/sidecar.log gcp.log nginx-error.log fcgiwrap.log \
            relay-sites.log relay-fast.log relay-slow.log; do
     [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$(echo "$f" | tr / -)"
@@ -182,6 +188,7 @@ MID_HEAD=$(git -C "$CACHE/repos/mid.git" rev-parse main)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 P_PORT=$(free_port); P_ADMIN=$(free_port); S_PORT=$(free_port); S_ADMIN=$(free_port)
 R_SITES=$(free_port); R_FAST=$(free_port); R_SLOW=$(free_port); NG_PORT=$(free_port); G_PORT=$(free_port)
+NG2_PORT=$(free_port)
 
 cd "$WORK"
 mkdir -p primary/state primary/data/repositories/bench primary/data/lfs-objects \
@@ -268,7 +275,11 @@ T_SYNC0=$(date +%s.%N)
 wait_http "http://127.0.0.1:$S_ADMIN/-/health" secondary "$S_PID"
 
 # The limit: git http-backend behind nginx + fcgiwrap over the primary's repositories.
-"$FCGIWRAP" -c $((STORM + 4)) -s "unix:$WORK/fcgiwrap.sock" 2> fcgiwrap.log & PIDS+=($!)
+# (its own process group, so that the cleanup can stop the preforked children too)
+setsid "$FCGIWRAP" -c $((STORM + 4)) -s "unix:$WORK/fcgiwrap.sock" 2> fcgiwrap.log & FCGI_PID=$!
+sleep 0.2
+FCGI_PGID=$(ps -o pgid= -p "$FCGI_PID" | tr -d ' ' || true)
+[ "$FCGI_PGID" = "$FCGI_PID" ] || FCGI_PGID=""   # a group of its own, never the script's
 for _ in $(seq 1 100); do [ -S "$WORK/fcgiwrap.sock" ] && break; sleep 0.1; done
 cat > nginx.conf <<EOF
 worker_processes 2;
@@ -288,6 +299,21 @@ http {
       fastcgi_pass unix:$WORK/fcgiwrap.sock;
       fastcgi_param SCRIPT_FILENAME $HTTP_BACKEND;
       fastcgi_param GIT_PROJECT_ROOT $WORK/primary/data/repositories;
+      fastcgi_param GIT_HTTP_EXPORT_ALL "";
+      fastcgi_param PATH_INFO \$uri;
+      fastcgi_buffering off;
+      fastcgi_read_timeout 900s;
+    }
+  }
+  # Diagnostic (overhead phase): the same http-backend over the secondary's replica.
+  server {
+    listen 127.0.0.1:$NG2_PORT;
+    client_max_body_size 0;
+    location / {
+      include /etc/nginx/fastcgi_params;
+      fastcgi_pass unix:$WORK/fcgiwrap.sock;
+      fastcgi_param SCRIPT_FILENAME $HTTP_BACKEND;
+      fastcgi_param GIT_PROJECT_ROOT $WORK/secondary/data/repositories;
       fastcgi_param GIT_HTTP_EXPORT_ALL "";
       fastcgi_param PATH_INFO \$uri;
       fastcgi_buffering off;
@@ -422,6 +448,38 @@ if [ "$ONLY" = all ] || [ "$ONLY" = storm ]; then
   if [ -z "$PEER_ERR" ]; then storm peer "$URL_PEER" "$MID_HEAD"; fi
 fi
 
+# Where the accelerated clone's extra time goes: the authorization round trips to the
+# primary (protocol v2: GET info/refs + POST ls-refs, both through the link), timed as
+# `git ls-remote`, and the replica's layout (served by the same http-backend as the limit).
+if [ "$ONLY" = all ] || [ "$ONLY" = overhead ]; then
+  log "overhead: git ls-remote (v2) x5 via each path; clones of the replica by http-backend"
+  lsr() { # label url
+    local i a b
+    for i in 1 2 3 4 5; do
+      a=$(date +%s.%N)
+      if timeout 60 git -c protocol.version=2 ls-remote "$2/big.git" refs/heads/main > /dev/null 2>&1; then
+        b=$(date +%s.%N); echo -e "$1_lsremote\t$(awk "BEGIN { printf \"%.3f\", $b - $a }")\t" >> "$RESULTS"
+      else
+        echo -e "$1_lsremote\tFAILED\t" >> "$RESULTS"
+      fi
+    done
+  }
+  lsr local "$URL_LOCAL"; lsr accel "$URL_ACCEL"
+  if [ -z "$PEER_ERR" ]; then lsr peer "$URL_PEER"; fi
+  lsr direct_fast "$URL_FAST"
+  if [ -d "$WORK/secondary/data/repositories/bench/big.git" ]; then
+    git -C "$WORK/secondary/data/repositories/bench/big.git" count-objects -v > "$OUT/replica-count-objects.txt" 2>&1 || true
+    ls -la "$WORK/secondary/data/repositories/bench/big.git/objects/pack" > "$OUT/replica-packs.txt" 2>&1 || true
+    for r in $(seq 1 "$RUNS"); do
+      timed local_big_o "$URL_LOCAL/big.git" "$BIG_HEAD"
+      timed replica_httpbackend_big_o "http://127.0.0.1:$NG2_PORT/bench/big.git" "$BIG_HEAD"
+      timed accel_big_o "$URL_ACCEL/big.git" "$BIG_HEAD" accel
+    done
+  else
+    log "replica not at $WORK/secondary/data/repositories/bench/big.git: replica row skipped"
+  fi
+fi
+
 # -------------------------------------------------------------------------- summary ---
 curl -fsS "http://127.0.0.1:$S_ADMIN/-/metrics" > "$OUT/secondary-metrics.txt" 2>/dev/null || true
 if [ -z "$PEER_ERR" ]; then curl -fsS "http://127.0.0.1:$G_PORT/metrics" > "$OUT/gcp-metrics.txt" 2>/dev/null || true; fi
@@ -436,7 +494,7 @@ import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 runs = {}
 for r in rows:
-    if r[0].endswith("_big"):
+    if r[0].endswith(("_big", "_big_o", "_lsremote")):
         runs.setdefault(r[0], []).append(r[1:])
 med = {}
 for k, v in runs.items():
@@ -449,8 +507,12 @@ a = med.get("accel_big")
 for peer in ("local_big", "peer_warm_big", "direct_fast_big", "direct_slow_big"):
     if a and med.get(peer):
         print("RESULT ratio accel/%s = %.2f" % (peer, a / med[peer]))
+for x, y in (("accel_big_o", "local_big_o"), ("replica_httpbackend_big_o", "local_big_o"),
+             ("accel_big_o", "replica_httpbackend_big_o")):
+    if med.get(x) and med.get(y):
+        print("RESULT ratio %s/%s = %.2f" % (x, y, med[x] / med[y]))
 for r in rows:
-    if not r[0].endswith("_big"):
+    if not r[0].endswith(("_big", "_big_o", "_lsremote")):
         print("RESULT " + " ".join(r))
 PY
 log "results in $OUT"

@@ -34,6 +34,7 @@ import asyncio
 import collections
 import ipaddress
 import signal
+import socket
 import sys
 import time
 
@@ -170,8 +171,6 @@ async def handle(client_r, client_w, args, conns):
     for w in (client_w, up_w):
         sock = w.get_extra_info("socket")
         if sock is not None:
-            import socket
-
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     delay = args.delay_ms / 1000.0
     up = Direction("up", client_r, up_w, args.up_bps, delay, args.burst, args.queue)

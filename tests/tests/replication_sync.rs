@@ -316,7 +316,12 @@ fn file_not_found_backs_off_and_a_409_resyncs_the_new_version() {
         1
     );
 
-    // 409: the event names a version the primary no longer has.
+    // 409: the event names a version the primary no longer has. (First contact with the log
+    // must be over: the first page only moves the cursor to the head, covered by the catalog,
+    // and `d` is deliberately not in the catalog.)
+    wait_until(TIMEOUT, "first contact with the event log", || {
+        status(s.admin, &k.secondary)?.log_id.map(|_| ())
+    });
     let old = b"version one".to_vec();
     let new = b"version two".to_vec();
     f.with(|s| {
