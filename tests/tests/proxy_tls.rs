@@ -1,7 +1,7 @@
 //! A secondary proxying to an `https://` primary: the certificate is verified against the
 //! roots the sidecar trusts (here a test CA given through `SSL_CERT_FILE`); an untrusted
-//! certificate is a 503, never a silent plain-text fallback. The TLS server is
-//! `openssl s_server`; the test is skipped (with a message) when `openssl` is missing.
+//! certificate is a 503, never a silent plain-text fallback. Certificates come from `openssl`,
+//! the TLS server is Python's; the test is skipped (with a message) when either is missing.
 
 use geoforge_tests::httpd;
 use geoforge_tests::{Sidecar, free_port, site_key, wait_until};
@@ -56,8 +56,10 @@ keys:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_primary_verified_against_trusted_roots() {
-    if Command::new("openssl").arg("version").output().is_err() {
-        eprintln!("skipped: openssl is not installed");
+    if Command::new("openssl").arg("version").output().is_err()
+        || Command::new("python3").arg("--version").output().is_err()
+    {
+        eprintln!("skipped: openssl or python3 is not installed");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -119,25 +121,42 @@ async fn https_primary_verified_against_trusted_roots() {
         ],
     );
     let port = free_port();
+    // A threaded TLS server: the secondary's replication client talks to the primary URL
+    // too, so a one-connection-at-a-time server (`openssl s_server`) would stall the test.
+    let server_py = r#"
+import http.server, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = b"tls upstream ok\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    do_POST = do_GET
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("srv.pem", "srv.key")
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
     let _server = Kill(
-        Command::new("openssl")
+        Command::new("python3")
             .current_dir(d)
-            .args([
-                "s_server", "-quiet", "-www", "-cert", "srv.pem", "-key", "srv.key",
-            ])
-            .args(["-accept", &format!("127.0.0.1:{port}")])
+            .args(["-c", server_py, &port.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    wait_until(Duration::from_secs(10), "s_server listening", || {
+    wait_until(Duration::from_secs(10), "TLS server listening", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     });
     let primary = format!("https://127.0.0.1:{port}");
 
-    // Trusting the test CA: proxied over TLS (s_server's status page comes back).
+    // Trusting the test CA: proxied over TLS (the server's answer comes back).
     // SAFETY: this test binary has this one test; no other thread reads the environment now.
     unsafe { std::env::set_var("SSL_CERT_FILE", d.join("ca.pem")) };
     let trusting = secondary(&d.join("a"), &primary);
@@ -146,7 +165,7 @@ async fn https_primary_verified_against_trusted_roots() {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(r.text().contains("s_server"), "{}", r.text());
+    assert!(r.text().contains("tls upstream ok"), "{}", r.text());
 
     // Not trusting it: the handshake fails, the client gets a 503, never plain text.
     unsafe { std::env::set_var("SSL_CERT_FILE", d.join("srv.csr")) };

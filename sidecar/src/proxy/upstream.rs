@@ -45,7 +45,33 @@ impl UpstreamError {
 /// The connector: plain TCP for `http://`, rustls for `https://` (cross-site URLs are https
 /// unless `allowInsecure`). Server certificates are checked against the system's roots
 /// (`SSL_CERT_FILE` / `SSL_CERT_DIR` select another bundle, e.g. a private CA).
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+pub type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Builds the [`Connector`] (shared by the proxy and the secondary's Geo API client).
+pub fn connector(connect_timeout: Duration) -> Connector {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
+        .unwrap_or_else(|e| {
+            tracing::warn!(
+                "no system CA certificates ({e}): https upstreams will fail verification"
+            );
+            let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
+        })
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
 
 /// A pooled HTTP/1.1 client to upstreams (the primary, or the forge).
 #[derive(Clone)]
@@ -56,28 +82,7 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(t: &ProxyTuning) -> Upstream {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(t.connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let tls = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
-            .unwrap_or_else(|e| {
-                tracing::warn!(
-                    "no system CA certificates ({e}): https upstreams will fail verification"
-                );
-                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .expect("ring supports the default protocol versions")
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth();
-                hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config)
-            })
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
+        let tls = connector(t.connect_timeout);
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())

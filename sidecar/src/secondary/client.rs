@@ -8,7 +8,6 @@ use geoforge_crds::wire::{self, CatalogPage, EventsGone, EventsPage, StatusRepor
 use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 
@@ -39,7 +38,7 @@ pub type Response = http::Response<hyper::body::Incoming>;
 /// Client for one primary URL.
 #[derive(Clone)]
 pub struct GeoClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<crate::proxy::upstream::Connector, Full<Bytes>>,
     ctx: SiteContext,
     /// The primary's site id (the `aud` of our tokens).
     pub aud: String,
@@ -71,10 +70,8 @@ pub fn primary_site(ctx: &SiteContext) -> Option<String> {
 
 impl GeoClient {
     pub fn new(ctx: &SiteContext, aud: String) -> GeoClient {
-        let mut conn = HttpConnector::new();
-        conn.set_connect_timeout(Some(ctx.config.proxy.connect_timeout));
-        conn.set_nodelay(true);
-        conn.enforce_http(true);
+        // http or https (cross-site URLs are https unless `allowInsecure`).
+        let conn = crate::proxy::upstream::connector(ctx.config.proxy.connect_timeout);
         let http = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(64)
@@ -114,9 +111,9 @@ impl GeoClient {
         body: Option<Vec<u8>>,
         head_timeout: Duration,
     ) -> Result<Response, ApiError> {
-        if !url.starts_with("http://") {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ApiError::Unreachable(format!(
-                "only http:// primary URLs are supported by this client build (got {})",
+                "the primary URL must be http(s):// (got {})",
                 url.split('/').take(3).collect::<Vec<_>>().join("/")
             )));
         }
