@@ -285,8 +285,10 @@ fn d_connect() -> Duration {
 fn d_header_read() -> Duration {
     Duration::from_secs(30)
 }
+/// Below the 30 s our own sidecars (and most forges) keep an idle connection open, so a
+/// pooled connection is never reused just as the server closes it.
 fn d_pool_idle() -> Duration {
-    Duration::from_secs(50)
+    Duration::from_secs(20)
 }
 fn d_client_idle() -> Duration {
     Duration::from_secs(120)

@@ -73,7 +73,10 @@ impl GeoClient {
         // http or https (cross-site URLs are https unless `allowInsecure`).
         let conn = crate::proxy::upstream::connector(ctx.config.proxy.connect_timeout);
         let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Below the primary's idle close (see `proxy.poolIdleTimeout`): a status report
+            // must not race the server closing a pooled connection.
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(ctx.config.proxy.pool_idle_timeout)
             .pool_max_idle_per_host(64)
             .build(conn);
         GeoClient {
