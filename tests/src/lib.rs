@@ -404,3 +404,22 @@ pub fn metric(admin_addr: &str, sample: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// A credentials-file line `user:<hash>` for the embedded forge, made by the real
+/// `geo-sidecar hash-password`.
+pub fn credentials_line(user: &str, password: &str) -> String {
+    use std::io::Write;
+    let mut c = Command::new(sidecar_bin())
+        .args(["hash-password", "--user", user])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run geo-sidecar hash-password");
+    writeln!(c.stdin.take().expect("stdin"), "{password}").expect("write password");
+    let out = c.wait_with_output().expect("hash-password output");
+    assert!(out.status.success(), "hash-password failed");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}

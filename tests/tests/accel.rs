@@ -3,7 +3,6 @@
 
 use geoforge_tests::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -15,25 +14,6 @@ struct Sites {
     secondary: Sidecar,
     /// The primary's repository root (bare repositories, `<group>/<name>.git`).
     repos: PathBuf,
-}
-
-fn hash(user: &str, pw: &str) -> String {
-    let mut c = Command::new(sidecar_bin())
-        .args(["hash-password", "--user", user])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    c.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{pw}\n").as_bytes())
-        .unwrap();
-    String::from_utf8(c.wait_with_output().unwrap().stdout)
-        .unwrap()
-        .trim()
-        .to_string()
 }
 
 /// A primary (embedded forge; `demo/hello.git` public, `private/secret.git` for users alice
@@ -52,8 +32,8 @@ fn sites(push_redirect: &str, rescan: &str) -> Sites {
         &users,
         format!(
             "{}\n{}\n",
-            hash("alice", "wonderland"),
-            hash("bob", "builder")
+            credentials_line("alice", "wonderland"),
+            credentials_line("bob", "builder")
         ),
     )
     .unwrap();

@@ -2,23 +2,8 @@
 //! with and without basic auth; a push rejected by a hook records no push.
 
 use geoforge_crds::auth::{Scope, SigningKey, TokenData};
-use geoforge_tests::{Sidecar, SiteKey, git, git_cmd, make_bare_repo, sidecar_bin, site_key};
-use std::io::Write;
+use geoforge_tests::{Sidecar, SiteKey, credentials_line, git, git_cmd, make_bare_repo, site_key};
 use std::path::Path;
-use std::process::{Command, Stdio};
-
-fn hash_password(user: &str, pw: &str) -> String {
-    let mut c = Command::new(sidecar_bin())
-        .args(["hash-password", "--user", user])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(c.stdin.take().unwrap(), "{pw}").unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// A primary with an embedded forge over `<dir>/data/repositories` holding `group/project.git`.
 fn primary(dir: &Path, embedded: &str) -> (Sidecar, SiteKey) {
@@ -27,7 +12,7 @@ fn primary(dir: &Path, embedded: &str) -> (Sidecar, SiteKey) {
     make_bare_repo(&data.join("repositories/group/project.git"), 2);
     make_bare_repo(&data.join("repositories/open/public.git"), 1);
     let creds = dir.join("users");
-    std::fs::write(&creds, format!("{}\n", hash_password("alice", "s3cret"))).unwrap();
+    std::fs::write(&creds, format!("{}\n", credentials_line("alice", "s3cret"))).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
     let yaml = format!(

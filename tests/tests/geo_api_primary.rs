@@ -7,7 +7,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use geoforge_crds::auth::{Claims, SigningKey, TokenData};
 use geoforge_crds::wire::{CatalogPage, EventKind, EventsGone, EventsPage, StatusReport};
-use geoforge_tests::{Sidecar, SiteKey, git, git_cmd, make_bare_repo, site_key, wait_until};
+use geoforge_tests::{
+    Sidecar, SiteKey, credentials_line, git, git_cmd, make_bare_repo, site_key, wait_until,
+};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -136,7 +138,7 @@ impl Env {
         let hook = dir.path().join("hook-token");
         write_secret(&hook, HOOK_TOKEN);
         let creds = dir.path().join("users");
-        write_secret(&creds, &hash_password("alice", "wonderland"));
+        write_secret(&creds, &credentials_line("alice", "wonderland"));
         let yaml = format!(
             r#"siteId: paris
 role: primary
@@ -268,20 +270,6 @@ fn write_secret(path: &Path, content: &str) {
         .open(path)
         .unwrap();
     writeln!(f, "{content}").unwrap();
-}
-
-fn hash_password(user: &str, pw: &str) -> String {
-    use std::io::Write;
-    let mut c = std::process::Command::new(geoforge_tests::sidecar_bin())
-        .args(["hash-password", "--user", user])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(c.stdin.take().unwrap(), "{pw}").unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn sha256_hex(b: &[u8]) -> String {

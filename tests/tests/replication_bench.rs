@@ -4,11 +4,9 @@
 mod replication_support;
 
 use geoforge_crds::auth::{SigningKey, TokenData};
-use geoforge_tests::{Sidecar, git, git_cmd, make_bare_repo, sidecar_bin, wait_until};
+use geoforge_tests::{Sidecar, credentials_line, git, git_cmd, make_bare_repo, wait_until};
 use replication_support::*;
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -16,19 +14,6 @@ fn env_num(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn hash_password(user: &str, pw: &str) -> String {
-    let mut c = Command::new(sidecar_bin())
-        .args(["hash-password", "--user", user])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    writeln!(c.stdin.take().unwrap(), "{pw}").unwrap();
-    let out = c.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -80,7 +65,7 @@ fn bench_push_to_synced_latency() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
     let creds = dir.join("users");
-    std::fs::write(&creds, format!("{}\n", hash_password("alice", "s3cret"))).unwrap();
+    std::fs::write(&creds, format!("{}\n", credentials_line("alice", "s3cret"))).unwrap();
     std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o600)).unwrap();
     let pyaml = primary_yaml(dir, &k, "")
         .replace("rescanInterval: 500ms", "rescanInterval: 1h")
