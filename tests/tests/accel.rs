@@ -144,6 +144,19 @@ fn clone_fetch_and_pull_are_served_locally() {
     let work = tempfile::tempdir().unwrap();
     let url = format!("{}/demo/hello.git", s.secondary.url());
     let expected = head(&s.repos.join("demo/hello.git"));
+    // A new replica is packed with a reachability bitmap, like the forge's repositories.
+    let packs = s
+        .dir
+        .path()
+        .join("secondary/data/repositories/demo/hello.git/objects/pack");
+    let names: Vec<String> = std::fs::read_dir(&packs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.ends_with(".bitmap")),
+        "no bitmap in {names:?}"
+    );
 
     clone_served_locally(&s, &url, &work.path().join("v2"), &[]);
     assert_eq!(head(&work.path().join("v2")), expected);

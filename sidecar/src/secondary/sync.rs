@@ -132,6 +132,7 @@ impl Syncer {
             if let Err(e) = git_fetch(path, &url, &auth, timeout).await {
                 return Some(failed(claim, e));
             }
+            maintain_packs(path, false).await;
             match crate::checksum::repository_checksum(path).await {
                 Ok(s) => s,
                 Err(e) => return Some(failed(claim, e.to_string())),
@@ -159,6 +160,7 @@ impl Syncer {
                     ));
                 }
                 git_fetch(&tmp, &url, &auth, timeout).await?;
+                maintain_packs(&tmp, true).await;
                 fsync_tree_best_effort(&tmp).await;
                 Ok(())
             }
@@ -389,6 +391,41 @@ async fn stream_to(resp: super::client::Response, tmp: &Path) -> Result<String, 
         .await
         .map_err(|e| format!("fsync {}: {e}", tmp.display()))?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+/// Incremental fetches that leave more packs than this trigger a repack.
+const MAX_PACKS: usize = 16;
+
+/// Keeps a replica in one pack with a reachability bitmap, as a forge keeps its repositories,
+/// so a clone served from the replica costs what it costs on the primary (a fetch into an
+/// empty repository writes a pack without a bitmap). Runs after the first fetch (`always`) and
+/// when incremental fetches have piled up packs. Best effort: a failure only costs speed.
+async fn maintain_packs(repo: &Path, always: bool) {
+    if !always {
+        let packs = std::fs::read_dir(repo.join("objects/pack"))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".pack"))
+                    .count()
+            })
+            .unwrap_or(0);
+        if packs <= MAX_PACKS {
+            return;
+        }
+    }
+    match crate::git::command(repo)
+        .args(["repack", "-a", "-d", "-b", "-q"])
+        .output()
+        .await
+    {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => tracing::warn!(
+            repo = %repo.display(),
+            "git repack failed (clones from this replica stay slower): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => tracing::warn!(repo = %repo.display(), "git repack: {e}"),
+    }
 }
 
 /// fsyncs a directory (the rename of an entry in it), best effort.
