@@ -259,15 +259,14 @@ pub struct SelectiveSyncConfig {
 pub struct ProxyTuning {
     #[serde(default = "d_connect", with = "dur")]
     pub connect_timeout: Duration,
-    /// Time allowed for a client, or the upstream, to send its response/request head.
+    /// Time allowed for a client, or the upstream, to send its response/request head. On the
+    /// service port it also bounds how long an idle HTTP/1.1 keep-alive connection waits for
+    /// its next request (HTTP/2 connections are kept in check with keep-alive pings).
     #[serde(default = "d_header_read", with = "dur")]
     pub header_read_timeout: Duration,
     /// Idle pooled upstream connections are closed after this (keep it below the upstream's keep-alive).
     #[serde(default = "d_pool_idle", with = "dur")]
     pub pool_idle_timeout: Duration,
-    /// Client connections idle for this long are closed.
-    #[serde(default = "d_client_idle", with = "dur")]
-    pub client_idle_timeout: Duration,
     /// Largest request head accepted (→ 431 above).
     #[serde(default = "d_max_header")]
     pub max_header_bytes: usize,
@@ -290,9 +289,6 @@ fn d_header_read() -> Duration {
 fn d_pool_idle() -> Duration {
     Duration::from_secs(20)
 }
-fn d_client_idle() -> Duration {
-    Duration::from_secs(120)
-}
 fn d_max_header() -> usize {
     64 * 1024
 }
@@ -309,7 +305,6 @@ impl Default for ProxyTuning {
             connect_timeout: d_connect(),
             header_read_timeout: d_header_read(),
             pool_idle_timeout: d_pool_idle(),
-            client_idle_timeout: d_client_idle(),
             max_header_bytes: d_max_header(),
             max_connections: d_max_conns(),
             shutdown_grace: d_drain(),

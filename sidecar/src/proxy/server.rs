@@ -6,8 +6,8 @@
 //!   accept backlog;
 //! - `proxy.headerReadTimeout` for a client to send its request head; hyper also times the
 //!   wait for the *next* head on a keep-alive HTTP/1.1 connection with it, so idle HTTP/1.1
-//!   clients are closed after that long (`proxy.clientIdleTimeout` is not applied separately;
-//!   HTTP/2 connections are kept in check with keep-alive pings);
+//!   clients are closed after that long (HTTP/2 connections are kept in check with keep-alive
+//!   pings);
 //! - conflicting `Content-Length`/`Transfer-Encoding` → 400 (see [`crate::proxy::sniff`]);
 //! - on shutdown: stop accepting, let in-flight requests finish up to `proxy.shutdownGrace`,
 //!   then return (the process exits 0).
