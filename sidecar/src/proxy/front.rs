@@ -59,6 +59,7 @@ pub struct Front {
     upstream: Upstream,
     metrics: ProxyMetrics,
     extra_data: Mutex<Option<(String, HeaderValue, Instant)>>,
+    primary_parsed: Mutex<Option<(String, url::Url)>>,
     peer_sites: Vec<String>,
     warned_aud: std::sync::atomic::AtomicBool,
 }
@@ -107,6 +108,7 @@ impl Front {
             read_accel: None,
             push_sink,
             extra_data: Mutex::new(None),
+            primary_parsed: Mutex::new(None),
             peer_sites,
             warned_aud: false.into(),
             ctx,
@@ -330,7 +332,7 @@ impl Front {
         primary: &str,
     ) -> Response<Body> {
         let json = crate::http_util::wants_json(req.headers());
-        let base = match url::Url::parse(primary) {
+        let base = match self.parse_primary(primary) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => u,
             Ok(u) => {
                 self.upstream_error(
@@ -364,6 +366,19 @@ impl Front {
                 primary_unavailable_json(json, "the primary site is unreachable")
             }
         }
+    }
+
+    /// The primary URL, parsed once per change rather than once per request.
+    fn parse_primary(&self, primary: &str) -> Result<url::Url, url::ParseError> {
+        let mut cache = self.primary_parsed.lock().expect("primary url cache");
+        if let Some((raw, parsed)) = cache.as_ref()
+            && raw == primary
+        {
+            return Ok(parsed.clone());
+        }
+        let parsed = url::Url::parse(primary)?;
+        *cache = Some((primary.to_string(), parsed.clone()));
+        Ok(parsed)
     }
 
     fn add_forwarding(&self, req: &mut Request<Body>, ingress: &Ingress) {
