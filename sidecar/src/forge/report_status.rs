@@ -44,26 +44,16 @@ impl ReportStatusParser {
             return;
         }
         self.outer.extend_from_slice(data);
-        let mut pos = 0;
-        loop {
-            match next_pkt(&self.outer[pos..]) {
-                Pkt::Incomplete => break,
-                Pkt::Invalid => {
-                    self.broken = true;
-                    break;
-                }
-                Pkt::Special(n) => pos += n,
-                Pkt::Data(n) => {
-                    let payload = self.outer[pos + 4..pos + n].to_vec();
-                    pos += n;
-                    self.outer_payload(&payload);
-                    if self.broken {
-                        break;
-                    }
-                }
-            }
+        let mut outer = std::mem::take(&mut self.outer);
+        if drain_pkts(&mut outer, |payload| {
+            self.outer_payload(payload);
+            !self.broken
+        })
+        .is_err()
+        {
+            self.broken = true;
         }
-        self.outer.drain(..pos.min(self.outer.len()));
+        self.outer = outer;
     }
 
     fn outer_payload(&mut self, payload: &[u8]) {
@@ -81,23 +71,16 @@ impl ReportStatusParser {
                     return;
                 }
                 self.inner.extend_from_slice(&payload[1..]);
-                let mut pos = 0;
-                loop {
-                    match next_pkt(&self.inner[pos..]) {
-                        Pkt::Incomplete => break,
-                        Pkt::Invalid => {
-                            self.broken = true;
-                            break;
-                        }
-                        Pkt::Special(n) => pos += n,
-                        Pkt::Data(n) => {
-                            let line = self.inner[pos + 4..pos + n].to_vec();
-                            pos += n;
-                            self.line(&line);
-                        }
-                    }
+                let mut inner = std::mem::take(&mut self.inner);
+                if drain_pkts(&mut inner, |line| {
+                    self.line(line);
+                    true
+                })
+                .is_err()
+                {
+                    self.broken = true;
                 }
-                self.inner.drain(..pos.min(self.inner.len()));
+                self.inner = inner;
             }
             Some(2) => {}            // progress
             _ => self.broken = true, // band 3: fatal error, or garbage
@@ -120,6 +103,28 @@ impl ReportStatusParser {
     pub fn updated_refs(&self) -> Option<&[String]> {
         (self.unpack_ok && !self.ok_refs.is_empty()).then_some(&self.ok_refs[..])
     }
+}
+
+/// Hands every complete data pkt in `buf` to `on_data` (until it returns false) and removes
+/// what was consumed; an incomplete tail stays for the next call. `Err` on a malformed pkt.
+fn drain_pkts(buf: &mut Vec<u8>, mut on_data: impl FnMut(&[u8]) -> bool) -> Result<(), ()> {
+    let mut pos = 0;
+    let result = loop {
+        match next_pkt(&buf[pos..]) {
+            Pkt::Incomplete => break Ok(()),
+            Pkt::Invalid => break Err(()),
+            Pkt::Special(n) => pos += n,
+            Pkt::Data(n) => {
+                let keep_going = on_data(&buf[pos + 4..pos + n]);
+                pos += n;
+                if !keep_going {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    buf.drain(..pos.min(buf.len()));
+    result
 }
 
 enum Pkt {
