@@ -5,6 +5,7 @@
 #
 #   bash bench/proxy.sh            # defaults: 3 alternating runs of 10 s, 64 connections, 2 wrk threads
 #   DURATION=20s CONNS=128 RUNS=5 bash bench/proxy.sh
+#   HOLD=1 NO_BUILD=1 bash bench/proxy.sh   # start both and wait (for perf record)
 #
 # The upstream is an nginx server block answering a small fixed body (and serving a 1 GiB
 # sparse file for the streaming run); the reverse-proxy nginx is configured at its best
@@ -36,7 +37,7 @@ fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "building geo-sidecar (release)" >&2
-(cd "$ROOT" && cargo build --release -q -p geo-sidecar)
+[ -n "${NO_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p geo-sidecar)
 SIDECAR="${CARGO_TARGET_DIR:-$ROOT/target}/release/geo-sidecar"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -103,6 +104,10 @@ for _ in $(seq 1 200); do
   sleep 0.05
 done
 curl -fs "http://127.0.0.1:$SC/hello" >/dev/null
+if [ -n "${HOLD:-}" ]; then # for profiling: leave both proxies up until interrupted
+  echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID); Ctrl-C ends" >&2
+  wait "$SC_PID"
+fi
 
 # --- requests/s and p99 -------------------------------------------------------------------
 run_wrk() { # url → "rps p99_ms"
