@@ -393,28 +393,29 @@ async fn retrieve(State(p): P, req: Request) -> Resp {
         Err(e) => return bad_request(&e.to_string()),
     };
     for attempt in 0..2 {
-        let (n, i) = (name.to_string(), id.clone());
-        let row = match p.store.call(move |c| Ok(store::get_item(c, &n, &i)?)).await {
-            Ok(Some(r)) => r,
-            Ok(None) => {
+        // Catalog row, open, stat and (for a small blob) the read: one blocking-pool hop.
+        let (n, i, pth) = (name.to_string(), id.clone(), path.clone());
+        let store = p.store.clone();
+        let looked = tokio::task::spawn_blocking(move || lookup_blob(&store, &n, &i, &pth)).await;
+        let (row, file, meta, data) = match looked {
+            Ok(Ok(BlobLookup::Found {
+                row,
+                file,
+                meta,
+                data,
+            })) => (row, file, meta, data),
+            Ok(Ok(BlobLookup::NotInCatalog)) => {
                 return coded(
                     StatusCode::NOT_FOUND,
                     "not in the catalog",
                     "NOT_IN_CATALOG",
                 );
             }
-            Err(e) => return internal(e),
-        };
-        let file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Ok(Ok(BlobLookup::FileNotFound)) => {
                 return coded(StatusCode::NOT_FOUND, "file not found", "FILE_NOT_FOUND");
             }
-            Err(e) => return internal(format!("open {}: {e}", path.display())),
-        };
-        let meta = match file.metadata() {
-            Ok(m) if m.is_file() => m,
-            _ => return coded(StatusCode::NOT_FOUND, "file not found", "FILE_NOT_FOUND"),
+            Ok(Err(e)) => return internal(e),
+            Err(e) => return internal(format!("catalog task: {e}")),
         };
         if scan::blob_fingerprint(&meta) != row.fingerprint && attempt == 0 {
             // Changed on disk since it was catalogued: record the change first.
@@ -431,13 +432,84 @@ async fn retrieve(State(p): P, req: Request) -> Resp {
                 },
             );
         }
-        return stream_file(file, meta.len(), &row.checksum);
+        return match data {
+            Some(d) => http::Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(header::CONTENT_LENGTH, d.len())
+                .header(CHECKSUM_HEADER, &row.checksum)
+                .body(Body::from(d))
+                .unwrap_or_else(internal),
+            None => stream_file(file, meta.len(), &row.checksum),
+        };
     }
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         "item is changing; retry",
         true,
     )
+}
+
+/// Files up to this size are read whole in the catalog lookup's hop (the small-blob backfill
+/// is bound by per-item overheads); larger ones stream from a reader thread.
+const INLINE_READ_MAX: u64 = 256 * 1024;
+
+enum BlobLookup {
+    NotInCatalog,
+    FileNotFound,
+    Found {
+        row: store::ItemRow,
+        file: std::fs::File,
+        meta: std::fs::Metadata,
+        /// The whole content, for a small file.
+        data: Option<Bytes>,
+    },
+}
+
+fn lookup_blob(
+    store: &store::Store,
+    name: &str,
+    id: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<BlobLookup> {
+    use std::io::Read;
+    let Some(row) = store.call_blocking(|c| Ok(store::get_item(c, name, id)?))? else {
+        return Ok(BlobLookup::NotInCatalog);
+    };
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BlobLookup::FileNotFound),
+        Err(e) => anyhow::bail!("open {}: {e}", path.display()),
+    };
+    let meta = match file.metadata() {
+        Ok(m) if m.is_file() => m,
+        _ => return Ok(BlobLookup::FileNotFound),
+    };
+    let data = if meta.len() <= INLINE_READ_MAX {
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        (&mut file)
+            .take(INLINE_READ_MAX + 1)
+            .read_to_end(&mut buf)
+            .map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))?;
+        if buf.len() as u64 == meta.len() {
+            Some(Bytes::from(buf))
+        } else {
+            // Changed between the stat and the read: stream instead, which fails the body
+            // rather than send a length that does not match the bytes.
+            use std::io::Seek;
+            file.seek(std::io::SeekFrom::Start(0))
+                .map_err(|e| anyhow::anyhow!("seek {}: {e}", path.display()))?;
+            None
+        }
+    } else {
+        None
+    };
+    Ok(BlobLookup::Found {
+        row,
+        file,
+        meta,
+        data,
+    })
 }
 
 /// Streams a file from a blocking reader thread in 2 MiB chunks (bounded queue: memory stays

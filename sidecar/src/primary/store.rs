@@ -201,6 +201,18 @@ impl Store {
         ))
     }
 
+    /// Runs `f` with the connection on the calling (blocking) thread.
+    pub fn call_blocking<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut c = self
+            .conn
+            .lock()
+            .map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
+        f(&mut c)
+    }
+
     /// Runs `f` with the connection on the blocking pool.
     pub async fn call<T, F>(&self, f: F) -> anyhow::Result<T>
     where

@@ -34,6 +34,7 @@
 //! - the delete guard's window is kept in memory; a pause and its deferred deletes are durable.
 
 pub mod client;
+pub mod landing;
 pub mod metrics;
 pub mod registry;
 pub mod sync;
@@ -93,6 +94,7 @@ pub struct Secondary {
     reps: Vec<Rep>,
     selection: Patterns,
     locks: ItemLocks,
+    lander: landing::Lander,
     runtime: Mutex<Runtime>,
     primary: PrimaryWatch,
     client: Option<GeoClient>,
@@ -141,13 +143,15 @@ impl Secondary {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
+        let locks = ItemLocks::default();
         let me = Arc::new(Secondary {
+            lander: landing::Lander::start(registry.clone(), locks.clone()),
             metrics: metrics::ReplicationMetrics::register(&ctx.metrics),
             ctx,
             registry,
             reps,
             selection,
-            locks: ItemLocks::default(),
+            locks,
             runtime: Mutex::new(Runtime::default()),
             primary,
             client,
@@ -697,69 +701,75 @@ impl Secondary {
     async fn dispatcher(self: Arc<Self>, i: usize) {
         let rep = &self.reps[i];
         let name = rep.cfg.name.clone();
-        let sem = Arc::new(tokio::sync::Semaphore::new(
-            rep.cfg.concurrency.max(1) as usize
-        ));
+        let limit = rep.cfg.concurrency.max(1) as usize;
+        let sem = Arc::new(tokio::sync::Semaphore::new(limit));
+        let mut queue: VecDeque<Claim> = VecDeque::with_capacity(limit);
         let syncer = Syncer {
             config: self.ctx.config.clone(),
             registry: self.registry.clone(),
             locks: self.locks.clone(),
             client: self.client.clone().expect("client"),
+            lander: self.lander.clone(),
         };
         loop {
             let Some(base) = self.primary_url().await else {
                 return;
             };
             if self.blocked().is_some() {
+                if !queue.is_empty() {
+                    let q: Vec<Claim> = queue.drain(..).collect();
+                    if let Err(e) = self.registry.run(move |r| r.release(&q)).await {
+                        tracing::warn!(error = %e, "registry: releasing queued claims failed (the stuck-row timeout will)");
+                    }
+                }
                 if !self.sleep(Duration::from_millis(500)).await {
                     return;
                 }
                 continue;
             }
+            // Claims are taken a full `concurrency` at a time, ahead of free workers: one claim
+            // transaction per batch rather than per finished item. Queued claims wait at most
+            // one batch's sync time, far below the stuck-row timeout.
+            if queue.is_empty() {
+                // Registered before claiming, so a wake-up during the claim is not lost.
+                let notified = self.work.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let nm = name.clone();
+                match self.registry.run(move |r| r.claim_due(&nm, limit)).await {
+                    Ok(c) if !c.is_empty() => queue.extend(c),
+                    Ok(_) => {
+                        tokio::select! {
+                            _ = self.ctx.shutdown.cancelled() => return,
+                            _ = notified => {},
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "registry: claiming failed");
+                        if !self.sleep(Duration::from_secs(1)).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
             let permit = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => return,
                 p = sem.clone().acquire_owned() => p.expect("semaphore"),
             };
-            // Registered before claiming, so a wake-up during the claim is not lost.
-            let notified = self.work.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let n = 1 + sem.available_permits();
-            let nm = name.clone();
-            let claims = match self.registry.run(move |r| r.claim_due(&nm, n)).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "registry: claiming failed");
-                    drop(permit);
-                    if !self.sleep(Duration::from_secs(1)).await {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            if claims.is_empty() {
-                drop(permit);
-                tokio::select! {
-                    _ = self.ctx.shutdown.cancelled() => return,
-                    _ = notified => {},
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {},
-                }
+            let Some(claim) = queue.pop_front() else {
                 continue;
-            }
-            let mut first = Some(permit);
-            for claim in claims {
-                let p = first
-                    .take()
-                    .or_else(|| sem.clone().try_acquire_owned().ok());
-                let me = self.clone();
-                let syncer = syncer.clone();
-                let base = base.clone();
-                let cfg = rep.cfg.clone();
-                tokio::spawn(async move {
-                    let _p = p;
-                    me.run_sync(&syncer, &base, &cfg, claim).await;
-                });
-            }
+            };
+            let me = self.clone();
+            let syncer = syncer.clone();
+            let base = base.clone();
+            let cfg = rep.cfg.clone();
+            tokio::spawn(async move {
+                let _p = permit;
+                me.run_sync(&syncer, &base, &cfg, claim).await;
+            });
         }
     }
 

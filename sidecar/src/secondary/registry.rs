@@ -418,6 +418,23 @@ impl Registry {
         })
     }
 
+    /// Puts claimed-but-unstarted rows back to pending (a dispatcher that stops or pauses with
+    /// claims queued); a claim that was reset meanwhile is left alone.
+    pub fn release(&self, claims: &[Claim]) -> anyhow::Result<usize> {
+        let t = now();
+        self.write(|tx| {
+            let mut upd = tx.prepare_cached(
+                "UPDATE registry SET state = 0, claim_id = NULL, started_at = NULL, state_since = ?4
+                 WHERE replicable = ?1 AND item_id = ?2 AND state = 1 AND claim_id = ?3",
+            )?;
+            let mut n = 0;
+            for c in claims {
+                n += upd.execute(params![c.replicable, c.item_id, c.claim_id, t])?;
+            }
+            Ok(n)
+        })
+    }
+
     /// Whether `claim` still holds (state started with this claim id).
     pub fn claim_valid(&self, claim: &Claim) -> anyhow::Result<bool> {
         self.read(|c| {
@@ -907,6 +924,30 @@ mod tests {
             ),
             scan
         );
+    }
+
+    #[test]
+    fn release_returns_queued_claims_but_not_reset_ones() {
+        let (_dir, reg) = open();
+        add(&reg, "blobs", "a", "s1");
+        add(&reg, "blobs", "b", "s1");
+        let claims = reg.claim_due("blobs", 10).unwrap();
+        assert_eq!(claims.len(), 2);
+        // `b` gets a newer event and is claimed again by someone else.
+        add(&reg, "blobs", "b", "s2");
+        let again = reg.claim_due("blobs", 10).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(
+            reg.release(&claims).unwrap(),
+            1,
+            "only `a`'s claim still held"
+        );
+        assert_eq!(reg.row_state("blobs", "a").unwrap().unwrap().0, 0);
+        assert!(
+            reg.claim_valid(&again[0]).unwrap(),
+            "the newer claim survives"
+        );
+        assert_counters_exact(&reg, "blobs");
     }
 
     #[test]

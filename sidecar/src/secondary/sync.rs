@@ -4,6 +4,7 @@
 //! the per-item lock, after re-checking the claim.
 
 use super::client::{ApiError, GeoClient, error_chain};
+use super::landing::{INLINE_BLOB_MAX, Lander, Landing};
 use super::registry::{Claim, Outcome, Registry};
 use crate::items::{replicable_root, resolve_under};
 use geoforge_crds::auth::TokenData;
@@ -51,6 +52,23 @@ impl ItemLocks {
     }
 }
 
+impl ItemLocks {
+    /// The lock of an item if nobody holds it now (for blocking threads that must not wait).
+    pub fn try_lock(&self, replicable: &str, item_id: &str) -> Option<ItemGuard> {
+        let key = (replicable.to_string(), item_id.to_string());
+        let mut map = self.0.lock().expect("item locks");
+        let m = map.entry(key.clone()).or_default().clone();
+        match m.try_lock_owned() {
+            Ok(guard) => Some(ItemGuard {
+                map: self.0.clone(),
+                key,
+                guard: Some(guard),
+            }),
+            Err(_) => None,
+        }
+    }
+}
+
 impl Drop for ItemGuard {
     fn drop(&mut self) {
         let mut map = self.map.lock().expect("item locks");
@@ -72,6 +90,8 @@ pub struct Syncer {
     pub registry: Arc<Registry>,
     pub locks: ItemLocks,
     pub client: GeoClient,
+    /// Lands small blobs in batches ([`super::landing`]).
+    pub lander: Lander,
 }
 
 /// Result of a sync: `None` when the claim was lost (a newer event or the timeout reset the
@@ -81,7 +101,9 @@ pub type SyncResult = Option<Outcome>;
 impl Syncer {
     pub async fn sync(&self, base: &str, rc: &ReplicableConfig, claim: Claim) -> SyncResult {
         let root = replicable_root(&self.config, rc);
-        if let Err(e) = tokio::fs::create_dir_all(&root).await {
+        let is_blob = rc.data_type == geoforge_crds::replicable::DataType::Blob;
+        // Blob parents (the root included) are created where the blob is written.
+        if !is_blob && let Err(e) = tokio::fs::create_dir_all(&root).await {
             return Some(failed(
                 claim,
                 format!("cannot create {}: {e}", root.display()),
@@ -289,6 +311,30 @@ impl Syncer {
                 ));
             }
         }
+        let small = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= INLINE_BLOB_MAX);
+        if small {
+            let (data, got) = match receive_small(resp).await {
+                Ok(x) => x,
+                Err(e) => return Some(failed(claim, e)),
+            };
+            if got != expected {
+                return Some(checksum_mismatch(claim, &got, &expected));
+            }
+            return self
+                .lander
+                .land(Landing {
+                    claim,
+                    path: path.to_path_buf(),
+                    data,
+                    checksum: got,
+                })
+                .await;
+        }
         let parent = path.parent().unwrap_or(path).to_path_buf();
         if let Err(e) = tokio::fs::create_dir_all(&parent).await {
             return Some(failed(
@@ -306,16 +352,7 @@ impl Syncer {
         };
         if got != expected {
             let _ = tokio::fs::remove_file(&tmp).await;
-            return Some(Outcome::Failed {
-                reason: format!(
-                    "checksum mismatch: received {} but expected {}",
-                    &got[..12],
-                    &expected[..12.min(expected.len())]
-                ),
-                claim,
-                mismatch: true,
-                file_not_found: false,
-            });
+            return Some(checksum_mismatch(claim, &got, &expected));
         }
         let _g = self.locks.lock(&rc.name, &claim.item_id).await;
         if !self.claim_valid(&claim).await {
@@ -332,6 +369,42 @@ impl Syncer {
             checksum: got,
         })
     }
+}
+
+fn checksum_mismatch(claim: Claim, got: &str, expected: &str) -> Outcome {
+    Outcome::Failed {
+        reason: format!(
+            "checksum mismatch: received {} but expected {}",
+            &got[..12],
+            &expected[..12.min(expected.len())]
+        ),
+        claim,
+        mismatch: true,
+        file_not_found: false,
+    }
+}
+
+/// Receives a body announced as at most [`INLINE_BLOB_MAX`] bytes into memory while hashing;
+/// a body longer than announced is refused (hyper enforces `Content-Length` too).
+async fn receive_small(resp: super::client::Response) -> Result<(bytes::Bytes, String), String> {
+    let mut hasher = Sha256::new();
+    let mut body = resp.into_body();
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .map_err(|_| "transfer stalled for 60s".to_string())?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| format!("transfer: {}", error_chain(&e)))?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > INLINE_BLOB_MAX {
+                return Err("body longer than its Content-Length".into());
+            }
+            hasher.update(&data);
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok((buf.freeze(), hex::encode(hasher.finalize())))
 }
 
 fn failed(claim: Claim, reason: String) -> Outcome {
