@@ -71,19 +71,25 @@ pub fn resolve_under(root: &Path, id: &str) -> Result<PathBuf, ItemIdError> {
         return Err(ItemIdError::Unsafe);
     }
     let path = root.join(rel);
-    let canon_root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
-    // Check the deepest existing ancestor (the item itself may not exist yet).
-    let mut probe = path.as_path();
-    loop {
-        if let Ok(c) = probe.canonicalize() {
-            if !c.starts_with(&canon_root) {
-                return Err(ItemIdError::EscapesRoot);
+    // Every component is a plain name, so the path can only leave the root through a symlink
+    // below it: walk the existing prefixes with lstat (cheap) and resolve only a symlink.
+    // Symlinks that stay inside the root are allowed; a missing prefix ends the walk (the
+    // item may not exist yet, and nothing below a missing directory can be a link).
+    let mut prefix = root.to_path_buf();
+    for c in rel.components() {
+        prefix.push(c);
+        match std::fs::symlink_metadata(&prefix) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let canon_root = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+                match prefix.canonicalize() {
+                    Ok(target) if target.starts_with(&canon_root) => {}
+                    Ok(_) => return Err(ItemIdError::EscapesRoot),
+                    // A dangling link: whatever it names would be created outside our control.
+                    Err(_) => return Err(ItemIdError::EscapesRoot),
+                }
             }
-            break;
-        }
-        match probe.parent() {
-            Some(p) if p.starts_with(root) => probe = p,
-            _ => break,
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
     Ok(path)
@@ -291,6 +297,27 @@ mod tests {
             Err(ItemIdError::EscapesRoot)
         );
         assert!(resolve_under(&root, "fine/new.git").is_ok());
+        // A dangling link would let a later create_dir_all build outside the root.
+        let outside = dir.path().join("outside-not-yet");
+        std::os::unix::fs::symlink(&outside, root.join("dangling")).unwrap();
+        assert_eq!(
+            resolve_under(&root, "dangling/x"),
+            Err(ItemIdError::EscapesRoot)
+        );
+        // Links that stay inside, and a root that is itself a link, are fine.
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("alias")).unwrap();
+        assert!(resolve_under(&root, "alias/blob").is_ok());
+        let link_root = dir.path().join("link-root");
+        std::os::unix::fs::symlink(&root, &link_root).unwrap();
+        assert_eq!(
+            resolve_under(&link_root, "real/b").unwrap(),
+            link_root.join("real/b")
+        );
+        assert_eq!(
+            resolve_under(&link_root, "evil/passwd"),
+            Err(ItemIdError::EscapesRoot)
+        );
     }
 
     #[test]

@@ -280,11 +280,11 @@ fn row_to_item(r: &rusqlite::Row<'_>) -> rusqlite::Result<ItemRow> {
 const ITEM_COLS: &str = "seq, item_id, size, checksum, fingerprint, updated_at";
 
 pub fn get_item(c: &Connection, replicable: &str, id: &str) -> rusqlite::Result<Option<ItemRow>> {
-    c.query_row(
-        &format!("SELECT {ITEM_COLS} FROM items WHERE replicable = ?1 AND item_id = ?2"),
-        params![replicable, id],
-        row_to_item,
-    )
+    // Cached: this runs once per retrieve.
+    c.prepare_cached(&format!(
+        "SELECT {ITEM_COLS} FROM items WHERE replicable = ?1 AND item_id = ?2"
+    ))?
+    .query_row(params![replicable, id], row_to_item)
     .optional()
 }
 

@@ -438,9 +438,11 @@ impl Registry {
     /// Whether `claim` still holds (state started with this claim id).
     pub fn claim_valid(&self, claim: &Claim) -> anyhow::Result<bool> {
         self.read(|c| {
-            c.query_row(
+            c.prepare_cached(
                 "SELECT 1 FROM registry WHERE replicable = ?1 AND item_id = ?2
                  AND state = 1 AND claim_id = ?3",
+            )?
+            .query_row(
                 params![claim.replicable, claim.item_id, claim.claim_id],
                 |_| Ok(()),
             )
