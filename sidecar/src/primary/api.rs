@@ -460,7 +460,7 @@ enum BlobLookup {
     Found {
         row: store::ItemRow,
         file: std::fs::File,
-        meta: std::fs::Metadata,
+        meta: Box<std::fs::Metadata>,
         /// The whole content, for a small file.
         data: Option<Bytes>,
     },
@@ -507,7 +507,7 @@ fn lookup_blob(
     Ok(BlobLookup::Found {
         row,
         file,
-        meta,
+        meta: Box::new(meta),
         data,
     })
 }
