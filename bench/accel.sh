@@ -277,10 +277,11 @@ wait_http "http://127.0.0.1:$S_ADMIN/-/health" secondary "$S_PID"
 # The limit: git http-backend behind nginx + fcgiwrap over the primary's repositories.
 # (its own process group, so that the cleanup can stop the preforked children too)
 setsid "$FCGIWRAP" -c $((STORM + 4)) -s "unix:$WORK/fcgiwrap.sock" 2> fcgiwrap.log & FCGI_PID=$!
-sleep 0.2
+# Its socket exists once it runs, so setsid has made its group by then.
+for _ in $(seq 1 100); do [ -S "$WORK/fcgiwrap.sock" ] && break; sleep 0.1; done
+[ -S "$WORK/fcgiwrap.sock" ] || { echo "fcgiwrap did not listen" >&2; exit 1; }
 FCGI_PGID=$(ps -o pgid= -p "$FCGI_PID" | tr -d ' ' || true)
 [ "$FCGI_PGID" = "$FCGI_PID" ] || FCGI_PGID=""   # a group of its own, never the script's
-for _ in $(seq 1 100); do [ -S "$WORK/fcgiwrap.sock" ] && break; sleep 0.1; done
 cat > nginx.conf <<EOF
 worker_processes 2;
 pid $WORK/nginx.pid;

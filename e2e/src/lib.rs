@@ -70,13 +70,29 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    eventually_ok(what, timeout, || {
+        let fut = f();
+        async move { Ok(fut.await) }
+    })
+    .await
+}
+
+/// [`eventually`] for checks that can fail: an error counts as "not yet", and the last one
+/// is in the timeout's message.
+pub async fn eventually_ok<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(v) = f().await {
-            return Ok(v);
-        }
+        let last = match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => "not yet".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
         if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
+            bail!("timed out after {timeout:?} waiting for {what} (last: {last})");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }

@@ -16,6 +16,7 @@
 use anyhow::{Context, Result, bail, ensure};
 use geoforge_crds::condition::find;
 use geoforge_crds::{GeoSite, Replicable};
+use geoforge_e2e::eventually_ok;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use kube::api::{DeleteParams, PostParams};
@@ -24,7 +25,7 @@ use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(240);
 
@@ -58,26 +59,6 @@ fn stack() -> Result<Stack> {
             "GEOFORGE_E2E_PASSWORD: the embedded forge's password (e2e/run.sh exports it)",
         )?,
     })
-}
-
-/// Polls `f` (every second, up to `timeout`) until it returns `Ok(Some(_))`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = match f().await {
-            Ok(Some(v)) => return Ok(v),
-            Ok(None) => "not yet".to_string(),
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?} (last: {last})");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// `kubectl port-forward` to `target` in `ns`; the local port is read from its output.
@@ -253,7 +234,7 @@ async fn stack_push_and_clone_through_the_secondary() -> Result<()> {
     // The Replicable reports the secondary synced, with consistent counts.
     let reps: Api<Replicable> = Api::namespaced(client.clone(), &st.primary_ns);
     let secondary = st.secondary.clone();
-    let report = eventually("repositories Synced=True on the secondary", WAIT, || {
+    let report = eventually_ok("repositories Synced=True on the secondary", WAIT, || {
         let reps = reps.clone();
         let secondary = secondary.clone();
         async move {
@@ -279,7 +260,7 @@ async fn stack_push_and_clone_through_the_secondary() -> Result<()> {
         "geo_accel_served_locally",
         "git_upload_pack",
     );
-    let served = eventually("a clone served from the replica", WAIT, || {
+    let served = eventually_ok("a clone served from the replica", WAIT, || {
         let url = url.clone();
         let head = head.clone();
         let admin = admin.port;
@@ -366,13 +347,13 @@ async fn delete_site_flow(client: &Client, ns: &str, name: &str) -> Result<()> {
             }
         }
     };
-    eventually(
+    eventually_ok(
         "the site's StatefulSet, Services and ConfigMap",
         WAIT,
         objects(true),
     )
     .await?;
-    let key = eventually("the site's key Secret", WAIT, || {
+    let key = eventually_ok("the site's key Secret", WAIT, || {
         let secrets = secrets.clone();
         let name = name.to_string();
         async move { Ok(secrets.get_opt(&format!("{name}-geo-key")).await?) }
@@ -384,7 +365,7 @@ async fn delete_site_flow(client: &Client, ns: &str, name: &str) -> Result<()> {
     );
 
     sites.delete(name, &DeleteParams::foreground()).await?;
-    eventually("the site's objects gone", WAIT, objects(false)).await?;
+    eventually_ok("the site's objects gone", WAIT, objects(false)).await?;
     let kept = secrets.get(&format!("{name}-geo-key")).await?;
     assert_eq!(
         kept.metadata.uid, key.metadata.uid,

@@ -37,18 +37,32 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
-pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+/// How often the waits below look again.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(25);
+
+/// Polls `f` every `every` until it returns `Some`; `None` once `timeout` has passed. Every
+/// wait in the harness and the tests is a bounded poll built on this (or its async twin).
+pub fn poll_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
         if Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
+            return None;
         }
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(every);
     }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, POLL_INTERVAL, f)
+        .unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
 }
 
 /// Async variant of [`wait_until`].
@@ -65,7 +79,7 @@ where
         if Instant::now() > deadline {
             panic!("timed out after {timeout:?} waiting for {what}");
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
 
@@ -154,9 +168,8 @@ impl Sidecar {
     }
 
     fn wait_healthy(&mut self, timeout: Duration) {
-        let admin = self.admin;
-        let deadline = Instant::now() + timeout;
-        loop {
+        let admin = format!("127.0.0.1:{}", self.admin);
+        let healthy = poll_until(timeout, POLL_INTERVAL, || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
                     "{} exited with {status} during start-up:\n{}",
@@ -164,17 +177,14 @@ impl Sidecar {
                     self.log()
                 );
             }
-            if http_get_status(&format!("127.0.0.1:{admin}"), "/-/health") == Some(200) {
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "{} not healthy after {timeout:?}:\n{}",
-                    self.name,
-                    self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(25));
+            (http_get_status(&admin, "/-/health") == Some(200)).then_some(())
+        });
+        if healthy.is_none() {
+            panic!(
+                "{} not healthy after {timeout:?}:\n{}",
+                self.name,
+                self.log()
+            );
         }
     }
 
@@ -202,12 +212,9 @@ impl Sidecar {
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
         unsafe_kill(c.id() as i32, 15);
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
+        match poll_until(timeout, POLL_INTERVAL, || c.try_wait().unwrap()) {
+            Some(st) => st.code(),
+            None => {
                 let _ = c.kill();
                 let _ = c.wait();
                 panic!(
@@ -215,7 +222,6 @@ impl Sidecar {
                     self.name
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

@@ -4,7 +4,9 @@
 mod replication_support;
 
 use geoforge_crds::auth::{SigningKey, TokenData};
-use geoforge_tests::{Sidecar, credentials_line, git, git_cmd, make_bare_repo, wait_until};
+use geoforge_tests::{
+    Sidecar, credentials_line, git, git_cmd, make_bare_repo, poll_until, wait_until,
+};
 use replication_support::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -100,16 +102,11 @@ fn bench_push_to_synced_latency() {
                 "{}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            loop {
-                if done(&head) {
-                    break;
-                }
-                assert!(
-                    t0.elapsed() < Duration::from_secs(60),
-                    "push {i} not replicated"
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            // A fine poll: the interval bounds the latency's resolution.
+            let replicated = poll_until(Duration::from_secs(60), Duration::from_millis(2), || {
+                done(&head).then_some(())
+            });
+            assert!(replicated.is_some(), "push {i} not replicated");
             lat.push(t0.elapsed().as_secs_f64());
         }
         lat.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -4,7 +4,7 @@
 
 mod replication_support;
 
-use geoforge_tests::{Sidecar, git, make_bare_repo, wait_until};
+use geoforge_tests::{POLL_INTERVAL, Sidecar, git, make_bare_repo, poll_until, wait_until};
 use replication_support::fake::{self, Fake};
 use replication_support::*;
 use std::path::Path;
@@ -329,17 +329,16 @@ fn file_not_found_backs_off_and_a_409_resyncs_the_new_version() {
         s.blobs.insert("d".into(), new.clone());
     });
     f.event(fake::Created, "d", Some(sha256(&old)));
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while registry_row(dir, "blobs", "d") != Some((2, Some(sha256(&new)))) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "d not synced at the new version: row {:?}, retrieves {:?}\n{}",
-            registry_row(dir, "blobs", "d"),
-            f.with(|s| s.retrieves.clone()),
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let synced = poll_until(TIMEOUT, POLL_INTERVAL, || {
+        (registry_row(dir, "blobs", "d") == Some((2, Some(sha256(&new))))).then_some(())
+    });
+    assert!(
+        synced.is_some(),
+        "d not synced at the new version: row {:?}, retrieves {:?}\n{}",
+        registry_row(dir, "blobs", "d"),
+        f.with(|s| s.retrieves.clone()),
+        s.log()
+    );
     assert_eq!(std::fs::read(s_blobs(dir).join("d")).unwrap(), new);
     let seen = f.with(|s| {
         s.retrieves
