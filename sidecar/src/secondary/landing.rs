@@ -24,7 +24,7 @@
 //! is finished by an async task that waits for the lock like any other holder.
 
 use super::registry::{Claim, Outcome, Registry};
-use super::sync::{ItemLocks, tmp_path};
+use super::sync::{ItemLocks, failed, tmp_path};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -73,15 +73,6 @@ impl Lander {
         }
         rx.await
             .unwrap_or_else(|_| Some(failed(claim, "the blob lander stopped".into())))
-    }
-}
-
-fn failed(claim: Claim, reason: String) -> Outcome {
-    Outcome::Failed {
-        claim,
-        reason,
-        mismatch: false,
-        file_not_found: false,
     }
 }
 

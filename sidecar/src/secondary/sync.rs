@@ -390,24 +390,33 @@ async fn receive_small(resp: super::client::Response) -> Result<(bytes::Bytes, S
     let mut hasher = Sha256::new();
     let mut body = resp.into_body();
     let mut buf = bytes::BytesMut::new();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
-            .await
-            .map_err(|_| "transfer stalled for 60s".to_string())?;
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| format!("transfer: {}", error_chain(&e)))?;
-        if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > INLINE_BLOB_MAX {
-                return Err("body longer than its Content-Length".into());
-            }
-            hasher.update(&data);
-            buf.extend_from_slice(&data);
+    while let Some(data) = next_chunk(&mut body).await? {
+        if (buf.len() + data.len()) as u64 > INLINE_BLOB_MAX {
+            return Err("body longer than its Content-Length".into());
         }
+        hasher.update(&data);
+        buf.extend_from_slice(&data);
     }
     Ok((buf.freeze(), hex::encode(hasher.finalize())))
 }
 
-fn failed(claim: Claim, reason: String) -> Outcome {
+/// The next data chunk of a transfer; fails when the primary stalls for 60 s.
+async fn next_chunk(body: &mut hyper::body::Incoming) -> Result<Option<bytes::Bytes>, String> {
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
+            .await
+            .map_err(|_| "transfer stalled for 60s".to_string())?;
+        let Some(frame) = frame else {
+            return Ok(None);
+        };
+        let frame = frame.map_err(|e| format!("transfer: {}", error_chain(&e)))?;
+        if let Ok(data) = frame.into_data() {
+            return Ok(Some(data));
+        }
+    }
+}
+
+pub(super) fn failed(claim: Claim, reason: String) -> Outcome {
     Outcome::Failed {
         claim,
         reason,
@@ -446,18 +455,11 @@ async fn stream_to(resp: super::client::Response, tmp: &Path) -> Result<String, 
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     let mut hasher = Sha256::new();
     let mut body = resp.into_body();
-    loop {
-        let frame = tokio::time::timeout(Duration::from_secs(60), body.frame())
+    while let Some(data) = next_chunk(&mut body).await? {
+        hasher.update(&data);
+        f.write_all(&data)
             .await
-            .map_err(|_| "transfer stalled for 60s".to_string())?;
-        let Some(frame) = frame else { break };
-        let frame = frame.map_err(|e| format!("transfer: {}", error_chain(&e)))?;
-        if let Ok(data) = frame.into_data() {
-            hasher.update(&data);
-            f.write_all(&data)
-                .await
-                .map_err(|e| format!("write {}: {e}", tmp.display()))?;
-        }
+            .map_err(|e| format!("write {}: {e}", tmp.display()))?;
     }
     f.flush().await.map_err(|e| e.to_string())?;
     f.sync_all()
