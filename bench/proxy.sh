@@ -6,6 +6,7 @@
 #   bash bench/proxy.sh            # defaults: 3 alternating runs of 10 s, 64 connections, 2 wrk threads
 #   DURATION=20s CONNS=128 RUNS=5 bash bench/proxy.sh
 #   HOLD=1 NO_BUILD=1 bash bench/proxy.sh   # start both and wait (for perf record)
+#   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
 #
 # The upstream is an nginx server block answering a small fixed body (and serving a 1 GiB
 # sparse file for the streaming run); the reverse-proxy nginx is configured at its best
@@ -95,6 +96,7 @@ storageRoot: $WORK/data
 listen: { service: "127.0.0.1:$SC", admin: "127.0.0.1:$SCA" }
 keys: { kid: bench.1, privateKeyFile: $WORK/key.pem }
 forge: { upstreamUrl: "http://127.0.0.1:$UP" }
+proxy: { ioThreads: ${IO_THREADS:-0} }
 log: { level: warn }
 EOF
 "$SIDECAR" --config "$WORK/sidecar.yaml" 2>"$WORK/sidecar.log" &

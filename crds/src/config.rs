@@ -276,6 +276,10 @@ pub struct ProxyTuning {
     /// Time to drain in-flight requests on SIGTERM.
     #[serde(default = "d_drain", with = "dur")]
     pub shutdown_grace: Duration,
+    /// Threads serving service-port connections (0: one per available CPU). Each connection
+    /// stays on one thread with its upstream connection pool.
+    #[serde(default)]
+    pub io_threads: usize,
 }
 
 fn d_connect() -> Duration {
@@ -308,6 +312,7 @@ impl Default for ProxyTuning {
             max_header_bytes: d_max_header(),
             max_connections: d_max_conns(),
             shutdown_grace: d_drain(),
+            io_threads: 0,
         }
     }
 }

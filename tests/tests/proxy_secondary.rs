@@ -751,11 +751,11 @@ async fn idempotent_request_retried_once_after_a_stale_pooled_connection() {
     let dir = tempfile::tempdir().unwrap();
     let k = keys(dir.path());
     let primary = format!("{{ staticUrl: \"http://{addr}\" }}");
-    let sc = Sidecar::start(
-        dir.path(),
-        "tokyo",
-        &secondary_yaml(dir.path(), &k, &primary, ""),
-    );
+    // Pools are per I/O thread: with one thread the second request is offered the first
+    // one's pooled connection.
+    let yaml = secondary_yaml(dir.path(), &k, &primary, "")
+        .replace("shutdownGrace: 20s }", "shutdownGrace: 20s, ioThreads: 1 }");
+    let sc = Sidecar::start(dir.path(), "tokyo", &yaml);
     let r = httpd::get(&format!("{}/a", sc.url()), &[]).await.unwrap();
     assert_eq!((r.status, r.text().as_str()), (200, "one"));
     let r = httpd::get(&format!("{}/b", sc.url()), &[]).await.unwrap();

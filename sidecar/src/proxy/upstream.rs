@@ -73,27 +73,60 @@ pub fn connector(connect_timeout: Duration) -> Connector {
         .wrap_connector(http)
 }
 
+type PooledClient = Client<Connector, Body>;
+
+thread_local! {
+    /// This thread's connection pools, by [`Upstream::id`].
+    static POOLS: std::cell::RefCell<Vec<(u64, PooledClient)>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// A pooled HTTP/1.1 client to upstreams (the primary, or the forge).
+///
+/// One pool per thread: the service port runs one single-threaded runtime per core
+/// ([`crate::proxy::server`]), and a connection's hyper task lives on the runtime that
+/// opened it, so a per-thread pool keeps a request and its upstream connection on one
+/// thread (no cross-thread wake-ups per request).
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<Connector, Body>,
+    id: u64,
+    tls: Connector,
+    tuning: Arc<ProxyTuning>,
     header_read_timeout: Duration,
 }
 
 impl Upstream {
     pub fn new(t: &ProxyTuning) -> Upstream {
-        let tls = connector(t.connect_timeout);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(t.pool_idle_timeout)
-            .pool_max_idle_per_host(256)
-            .http1_max_buf_size(t.max_header_bytes.max(8192) * 2)
-            .build(tls);
         Upstream {
-            client,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            tls: connector(t.connect_timeout),
+            tuning: Arc::new(t.clone()),
             header_read_timeout: t.header_read_timeout,
         }
+    }
+
+    /// Sends on this thread's pool for this upstream (created on first use).
+    fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
+        POOLS.with(|pools| {
+            let mut pools = pools.borrow_mut();
+            let i = match pools.iter().position(|(id, _)| *id == self.id) {
+                Some(i) => i,
+                None => {
+                    let t = &self.tuning;
+                    let client = Client::builder(TokioExecutor::new())
+                        .pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .pool_idle_timeout(t.pool_idle_timeout)
+                        .pool_max_idle_per_host(256)
+                        .http1_max_buf_size(t.max_header_bytes.max(8192) * 2)
+                        .build(self.tls.clone());
+                    pools.push((self.id, client));
+                    pools.len() - 1
+                }
+            };
+            pools[i].1.request(req)
+        })
     }
 
     /// A plain request (discovery polls).
@@ -204,7 +237,7 @@ impl Upstream {
                 tx: Some(tx),
             })
         });
-        let fut = self.client.request(req);
+        let fut = self.request(req);
         tokio::pin!(fut);
         let limit = self.header_read_timeout;
         let deadline = async move {
