@@ -78,7 +78,8 @@ pub struct ReplicableSpec {
     #[schemars(length(max = 32), regex(pattern = "^([0-9]+(ms|s|m|h|d))+$"))]
     pub verification_interval: String,
 
-    /// Concurrent sync workers per secondary instance.
+    /// Concurrent sync transfers per secondary instance. Small blobs that are received and
+    /// checked wait for their durability barrier outside this limit (bounded by memory).
     #[serde(default = "default_concurrency")]
     #[schemars(range(min = 1, max = 64))]
     pub concurrency: i32,

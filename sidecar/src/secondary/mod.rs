@@ -767,16 +767,22 @@ impl Secondary {
             let base = base.clone();
             let cfg = rep.cfg.clone();
             tokio::spawn(async move {
-                let _p = permit;
-                me.run_sync(&syncer, &base, &cfg, claim).await;
+                me.run_sync(&syncer, &base, &cfg, claim, permit).await;
             });
         }
     }
 
-    async fn run_sync(&self, syncer: &Syncer, base: &str, cfg: &ReplicableConfig, claim: Claim) {
+    async fn run_sync(
+        &self,
+        syncer: &Syncer,
+        base: &str,
+        cfg: &ReplicableConfig,
+        claim: Claim,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let started = Instant::now();
         let (r, id) = (claim.replicable.clone(), claim.item_id.clone());
-        let out = syncer.sync(base, cfg, claim).await;
+        let out = syncer.sync(base, cfg, claim, slot).await;
         let took = started.elapsed();
         self.metrics
             .sync_duration

@@ -99,7 +99,15 @@ pub struct Syncer {
 pub type SyncResult = Option<Outcome>;
 
 impl Syncer {
-    pub async fn sync(&self, base: &str, rc: &ReplicableConfig, claim: Claim) -> SyncResult {
+    /// `slot`: the worker's transfer slot (one of `concurrency`); a small blob frees it once
+    /// received and checked, before it waits to land.
+    pub async fn sync(
+        &self,
+        base: &str,
+        rc: &ReplicableConfig,
+        claim: Claim,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> SyncResult {
         let root = replicable_root(&self.config, rc);
         let is_blob = rc.data_type == geoforge_crds::replicable::DataType::Blob;
         // Blob parents (the root included) are created where the blob is written.
@@ -118,7 +126,7 @@ impl Syncer {
                 self.sync_repository(base, rc, claim, &path).await
             }
             geoforge_crds::replicable::DataType::Blob => {
-                self.sync_blob(base, rc, claim, &path).await
+                self.sync_blob(base, rc, claim, &path, slot).await
             }
         }
     }
@@ -243,6 +251,7 @@ impl Syncer {
         rc: &ReplicableConfig,
         claim: Claim,
         path: &Path,
+        slot: tokio::sync::OwnedSemaphorePermit,
     ) -> SyncResult {
         let Some(expected) = claim.checksum.clone() else {
             return Some(failed(
@@ -325,7 +334,9 @@ impl Syncer {
             if got != expected {
                 return Some(checksum_mismatch(claim, &got, &expected));
             }
-            return self
+            let admission = self.lander.admit(data.len()).await;
+            drop(slot);
+            let out = self
                 .lander
                 .land(Landing {
                     claim,
@@ -334,6 +345,8 @@ impl Syncer {
                     checksum: got,
                 })
                 .await;
+            drop(admission);
+            return out;
         }
         let parent = path.parent().unwrap_or(path).to_path_buf();
         if let Err(e) = tokio::fs::create_dir_all(&parent).await {
