@@ -85,11 +85,22 @@ PY
   # between trials (the second copy of a trial runs beside the first one's writeback).
   SETTLE=${GEO_BENCH_SETTLE:-60}
   TRIALS=${GEO_BENCH_TRIALS:-3}
+  dirty_kb() { awk '/^(Dirty|Writeback):/ {n += $2} END {print n + 0}' /proc/meminfo; }
+  # Polls until the delete's writeback is done and ext4's reuse window for the freed inodes
+  # (time-based) has passed: SETTLE s after the delete; gives up loudly after SETTLE + 300 s.
   settle() {
     rm -rf "$WORK/rsync-dest" "$WORK"/.tmp*
     sync
-    echo "settling $SETTLE s after deleting the copies (see above)" >&2
-    sleep "$SETTLE"
+    local deleted now
+    deleted=$(date +%s)
+    echo "settling: writeback done and $SETTLE s after deleting the copies (see above)" >&2
+    while now=$(date +%s); [ "$(dirty_kb)" -ge 1024 ] || [ $((now - deleted)) -lt "$SETTLE" ]; do
+      if [ $((now - deleted)) -ge $((SETTLE + 300)) ]; then
+        echo "warning: $(dirty_kb) KiB still dirty after $((SETTLE + 300)) s; measuring anyway" >&2
+        break
+      fi
+      sleep 1
+    done
   }
   run_rsync() {
     local start end

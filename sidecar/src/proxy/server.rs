@@ -42,7 +42,20 @@ use tokio_util::sync::CancellationToken;
 struct Accepted {
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
+}
+
+/// A connection's place in the limits: its `maxConnections` permit and its count on the
+/// worker serving it, both given back when the connection ends, however it ends.
+struct Slot {
+    open: Arc<AtomicUsize>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An I/O worker as the acceptor sees it.
@@ -106,22 +119,22 @@ pub async fn serve(
             .min_by_key(|w| w.open.load(Ordering::Relaxed))
             .expect("at least one worker");
         w.open.fetch_add(1, Ordering::Relaxed);
-        if w.tx
-            .send(Accepted {
-                stream,
-                peer,
-                permit,
-            })
-            .is_err()
-        {
+        let slot = Slot {
+            open: w.open.clone(),
+            _permit: permit,
+        };
+        if w.tx.send(Accepted { stream, peer, slot }).is_err() {
             tracing::error!("an I/O worker has stopped; closing the connection");
         }
     }
     drop(listener);
     tracing::info!(grace = ?tuning.shutdown_grace, "stopped accepting; draining");
-    for w in workers {
-        drop(w.tx);
-        let _ = w.done.await;
+    // Every worker starts draining now (its channel closes), so the drain takes one
+    // `shutdownGrace` in all, not one per worker.
+    let (senders, done): (Vec<_>, Vec<_>) = workers.into_iter().map(|w| (w.tx, w.done)).unzip();
+    drop(senders);
+    for d in done {
+        let _ = d.await;
     }
     Ok(())
 }
@@ -132,7 +145,6 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
     let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
     let (done_tx, done) = oneshot::channel();
     let open = Arc::new(AtomicUsize::new(0));
-    let open2 = open.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -144,11 +156,11 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                 let graceful = GracefulShutdown::new();
                 let connections = front.metrics().connections.clone();
                 while let Some(a) = rx.recv().await {
-                    let stream = match tokio::net::TcpStream::from_std(a.stream) {
+                    let Accepted { stream, peer, slot } = a;
+                    let stream = match tokio::net::TcpStream::from_std(stream) {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::warn!("cannot register a connection: {e}");
-                            open2.fetch_sub(1, Ordering::Relaxed);
                             continue;
                         }
                     };
@@ -156,8 +168,6 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                     let builder = builder.clone();
                     let front = front.clone();
                     let connections = connections.clone();
-                    let open = open2.clone();
-                    let (peer, permit) = (a.peer, a.permit);
                     tokio::spawn(async move {
                         connections.inc();
                         let (stream, conflict) = SniffIo::new(stream);
@@ -180,8 +190,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                             tracing::debug!(peer = %peer, "connection: {e}");
                         }
                         connections.dec();
-                        open.fetch_sub(1, Ordering::Relaxed);
-                        drop(permit);
+                        drop(slot);
                     });
                 }
                 tracing::debug!(

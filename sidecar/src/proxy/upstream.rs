@@ -93,7 +93,6 @@ pub struct Upstream {
     id: u64,
     tls: Connector,
     tuning: Arc<ProxyTuning>,
-    header_read_timeout: Duration,
 }
 
 impl Upstream {
@@ -102,7 +101,6 @@ impl Upstream {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             tls: connector(t.connect_timeout),
             tuning: Arc::new(t.clone()),
-            header_read_timeout: t.header_read_timeout,
         }
     }
 
@@ -239,7 +237,7 @@ impl Upstream {
         });
         let fut = self.request(req);
         tokio::pin!(fut);
-        let limit = self.header_read_timeout;
+        let limit = self.tuning.header_read_timeout;
         let deadline = async move {
             let _ = rx.await;
             tokio::time::sleep(limit).await;

@@ -26,7 +26,7 @@
 use super::registry::{Claim, Outcome, Registry};
 use super::sync::{ItemLocks, failed, tmp_path};
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -147,9 +147,11 @@ fn land_batch(
     // 1. temporary files
     let mut written = Vec::with_capacity(batch.len());
     let mut dirs: HashMap<u64, PathBuf> = HashMap::new();
+    // Parents already made in this batch (blobs often share a directory).
+    let mut made: HashSet<PathBuf> = HashSet::new();
     for (l, reply) in batch {
         let tmp = tmp_path(&l.path);
-        match write_tmp(&l, &tmp) {
+        match write_tmp(&l, &tmp, &mut made) {
             Ok(dev) => {
                 dirs.entry(dev)
                     .or_insert_with(|| l.path.parent().unwrap_or(&l.path).to_path_buf());
@@ -201,12 +203,16 @@ fn land_batch(
     deferred
 }
 
-/// Creates the target directory and writes the temporary file; returns its filesystem id.
-fn write_tmp(l: &Landing, tmp: &Path) -> Result<u64, String> {
+/// Creates the target directory (unless `made` has it) and writes the temporary file;
+/// returns its filesystem id.
+fn write_tmp(l: &Landing, tmp: &Path, made: &mut HashSet<PathBuf>) -> Result<u64, String> {
     use std::io::Write;
     let parent = l.path.parent().unwrap_or(&l.path);
-    std::fs::create_dir_all(parent)
-        .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    if !made.contains(parent) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        made.insert(parent.to_path_buf());
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

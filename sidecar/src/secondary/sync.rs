@@ -38,33 +38,40 @@ pub struct ItemGuard {
 
 impl ItemLocks {
     pub async fn lock(&self, replicable: &str, item_id: &str) -> ItemGuard {
-        let key = (replicable.to_string(), item_id.to_string());
-        let m = {
-            let mut map = self.0.lock().expect("item locks");
-            map.entry(key.clone()).or_default().clone()
-        };
+        let (key, m) = self.entry(replicable, item_id);
         let guard = m.lock_owned().await;
+        self.guard(key, guard)
+    }
+
+    /// The lock of an item if nobody holds it now (for blocking threads that must not wait).
+    pub fn try_lock(&self, replicable: &str, item_id: &str) -> Option<ItemGuard> {
+        let (key, m) = self.entry(replicable, item_id);
+        let guard = m.try_lock_owned().ok()?;
+        Some(self.guard(key, guard))
+    }
+
+    /// The item's mutex, registered in the map (a guard's drop removes it when unused).
+    fn entry(
+        &self,
+        replicable: &str,
+        item_id: &str,
+    ) -> ((String, String), Arc<tokio::sync::Mutex<()>>) {
+        let key = (replicable.to_string(), item_id.to_string());
+        let m = self
+            .0
+            .lock()
+            .expect("item locks")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        (key, m)
+    }
+
+    fn guard(&self, key: (String, String), guard: tokio::sync::OwnedMutexGuard<()>) -> ItemGuard {
         ItemGuard {
             map: self.0.clone(),
             key,
             guard: Some(guard),
-        }
-    }
-}
-
-impl ItemLocks {
-    /// The lock of an item if nobody holds it now (for blocking threads that must not wait).
-    pub fn try_lock(&self, replicable: &str, item_id: &str) -> Option<ItemGuard> {
-        let key = (replicable.to_string(), item_id.to_string());
-        let mut map = self.0.lock().expect("item locks");
-        let m = map.entry(key.clone()).or_default().clone();
-        match m.try_lock_owned() {
-            Ok(guard) => Some(ItemGuard {
-                map: self.0.clone(),
-                key,
-                guard: Some(guard),
-            }),
-            Err(_) => None,
         }
     }
 }
@@ -229,16 +236,14 @@ impl Syncer {
                 claim,
                 checksum: now,
             }),
-            Ok(now) => Some(Outcome::Failed {
-                reason: format!(
+            Ok(now) => Some(mismatch(
+                claim,
+                format!(
                     "checksum mismatch: replica {} but the primary reports {}",
                     &local[..12],
                     &now[..12.min(now.len())]
                 ),
-                claim,
-                mismatch: true,
-                file_not_found: false,
-            }),
+            )),
             Err(e) => Some(failed(claim, e)),
         }
     }
@@ -320,14 +325,13 @@ impl Syncer {
                 ));
             }
         }
-        let small = resp
+        let announced = resp
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n <= INLINE_BLOB_MAX);
-        if small {
-            let (data, got) = match receive_small(resp).await {
+            .and_then(|v| v.parse::<u64>().ok());
+        if let Some(len) = announced.filter(|&n| n <= INLINE_BLOB_MAX) {
+            let (data, got) = match receive_small(resp, len).await {
                 Ok(x) => x,
                 Err(e) => return Some(failed(claim, e)),
             };
@@ -385,12 +389,20 @@ impl Syncer {
 }
 
 fn checksum_mismatch(claim: Claim, got: &str, expected: &str) -> Outcome {
-    Outcome::Failed {
-        reason: format!(
+    mismatch(
+        claim,
+        format!(
             "checksum mismatch: received {} but expected {}",
             &got[..12],
             &expected[..12.min(expected.len())]
         ),
+    )
+}
+
+/// A failure that counts as a checksum mismatch (DESIGN §6 `checksum_mismatch`).
+fn mismatch(claim: Claim, reason: String) -> Outcome {
+    Outcome::Failed {
+        reason,
         claim,
         mismatch: true,
         file_not_found: false,
@@ -399,10 +411,13 @@ fn checksum_mismatch(claim: Claim, got: &str, expected: &str) -> Outcome {
 
 /// Receives a body announced as at most [`INLINE_BLOB_MAX`] bytes into memory while hashing;
 /// a body longer than announced is refused (hyper enforces `Content-Length` too).
-async fn receive_small(resp: super::client::Response) -> Result<(bytes::Bytes, String), String> {
+async fn receive_small(
+    resp: super::client::Response,
+    announced: u64,
+) -> Result<(bytes::Bytes, String), String> {
     let mut hasher = Sha256::new();
     let mut body = resp.into_body();
-    let mut buf = bytes::BytesMut::new();
+    let mut buf = bytes::BytesMut::with_capacity(announced as usize);
     while let Some(data) = next_chunk(&mut body).await? {
         if (buf.len() + data.len()) as u64 > INLINE_BLOB_MAX {
             return Err("body longer than its Content-Length".into());
