@@ -219,15 +219,10 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> anyhow::Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn
-                .lock()
-                .map_err(|_| anyhow::anyhow!("database lock poisoned"))?;
-            f(&mut c)
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("database task failed: {e}"))?
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.call_blocking(f))
+            .await
+            .map_err(|e| anyhow::anyhow!("database task failed: {e}"))?
     }
 }
 
