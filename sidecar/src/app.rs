@@ -119,7 +119,9 @@ fn forge_backend(
     if !matches!(url.scheme(), "http" | "https") {
         anyhow::bail!("forge.upstreamUrl: only http:// and https:// are supported");
     }
-    Ok(ForgeBackend::Upstream(url))
+    let base = crate::proxy::upstream::UpstreamBase::new(&url)
+        .map_err(|e| anyhow::anyhow!("forge.upstreamUrl: {e}"))?;
+    Ok(ForgeBackend::Upstream(Box::new(base)))
 }
 
 /// Resolves on SIGTERM or SIGINT.

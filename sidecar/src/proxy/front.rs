@@ -24,7 +24,7 @@ use crate::forge::report_status::PushDetectBody;
 use crate::proxy::headers::{self, TrustedProxies};
 use crate::proxy::metrics::{ProxyMetrics, RequestLabels, TargetLabels, UpstreamErrorLabels};
 use crate::proxy::route::{self, Target};
-use crate::proxy::upstream::{Upstream, UpstreamError};
+use crate::proxy::upstream::{Upstream, UpstreamBase, UpstreamError};
 use axum::body::Body;
 use geoforge_crds::auth::{PROXY_EXTRA_DATA_HEADER, PROXY_HEADER, Scope};
 use geoforge_crds::geosite::SiteRole;
@@ -43,7 +43,7 @@ const RETRY_AFTER_SECS: u64 = 10;
 /// The forge behind a primary or disabled site.
 pub enum ForgeBackend {
     Embedded(Arc<EmbeddedForge>),
-    Upstream(url::Url),
+    Upstream(Box<UpstreamBase>),
 }
 
 /// What the service port needs for every request.
@@ -59,7 +59,7 @@ pub struct Front {
     upstream: Upstream,
     metrics: ProxyMetrics,
     extra_data: Mutex<Option<(String, HeaderValue, Instant)>>,
-    primary_parsed: Mutex<Option<(String, url::Url)>>,
+    primary_parsed: Mutex<Option<(String, Arc<UpstreamBase>)>>,
     peer_sites: Vec<String>,
     warned_aud: std::sync::atomic::AtomicBool,
 }
@@ -131,7 +131,7 @@ impl Front {
         let method = req.method().clone();
         let route_name = route::route_label(req.uri().path(), req.uri().query());
         let request_id = request_id(req.headers());
-        let span = tracing::info_span!("request", id = %request_id, method = %method,
+        let span = tracing::info_span!("request", id = request_id.to_str().unwrap_or(""), method = %method,
             path = %req.uri().path(), client = tracing::field::Empty, via = tracing::field::Empty);
         let (target_label, mut resp) = async {
             let (target, resp) = self.handle_inner(peer, req, &request_id, route_name).await;
@@ -147,9 +147,7 @@ impl Front {
         }
         .instrument(span)
         .await;
-        if let Ok(v) = HeaderValue::from_str(&request_id) {
-            resp.headers_mut().insert("x-request-id", v);
-        }
+        resp.headers_mut().insert(X_REQUEST_ID, request_id);
         self.metrics
             .requests
             .get_or_create(&RequestLabels {
@@ -172,7 +170,7 @@ impl Front {
         &self,
         peer: SocketAddr,
         mut req: Request<Body>,
-        request_id: &str,
+        request_id: &HeaderValue,
         route_name: &'static str,
     ) -> (&'static str, Response<Body>) {
         // 1. request filter
@@ -185,9 +183,7 @@ impl Front {
         if let Some(site) = &ingress.via_site {
             span.record("via", tracing::field::display(site));
         }
-        if let Ok(v) = HeaderValue::from_str(request_id) {
-            req.headers_mut().insert("x-request-id", v);
-        }
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // 2. pick target
         let primary_url = self.primary.as_ref().and_then(|w| w.borrow().clone());
         let target = {
@@ -333,23 +329,16 @@ impl Front {
     ) -> Response<Body> {
         let json = crate::http_util::wants_json(req.headers());
         let base = match self.parse_primary(primary) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => u,
-            Ok(u) => {
-                self.upstream_error(
-                    "primary",
-                    &UpstreamError::BadUrl(format!("scheme {}", u.scheme())),
-                );
-                return primary_unavailable_json(json, "the primary site is unreachable");
-            }
+            Ok(b) => b,
             Err(e) => {
-                self.upstream_error("primary", &UpstreamError::BadUrl(e.to_string()));
+                self.upstream_error("primary", &e);
                 return primary_unavailable_json(json, "the primary site is unreachable");
             }
         };
         self.add_forwarding(&mut req, ingress);
         let h = req.headers_mut();
         h.insert(PROXY_HEADER, HeaderValue::from_static("1"));
-        if let Some(v) = self.extra_data_for(&base) {
+        if let Some(v) = self.extra_data_for(base.url()) {
             h.insert(PROXY_EXTRA_DATA_HEADER, v);
         }
         match self.upstream.forward(req, &base).await {
@@ -369,30 +358,34 @@ impl Front {
     }
 
     /// The primary URL, parsed once per change rather than once per request.
-    fn parse_primary(&self, primary: &str) -> Result<url::Url, url::ParseError> {
+    fn parse_primary(&self, primary: &str) -> Result<Arc<UpstreamBase>, UpstreamError> {
         let mut cache = self.primary_parsed.lock().expect("primary url cache");
         if let Some((raw, parsed)) = cache.as_ref()
             && raw == primary
         {
             return Ok(parsed.clone());
         }
-        let parsed = url::Url::parse(primary)?;
+        let url = url::Url::parse(primary).map_err(|e| UpstreamError::BadUrl(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(UpstreamError::BadUrl(format!("scheme {}", url.scheme())));
+        }
+        let parsed = Arc::new(UpstreamBase::new(&url)?);
         *cache = Some((primary.to_string(), parsed.clone()));
         Ok(parsed)
     }
 
     fn add_forwarding(&self, req: &mut Request<Body>, ingress: &Ingress) {
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        // a clone of the value (a reference count), so the map can be changed
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         headers::add_forwarding(
             req.headers_mut(),
             &headers::ForwardInfo {
                 peer: ingress.peer,
-                host: host.as_deref(),
+                host: host.as_ref().and_then(|v| v.to_str().ok()),
                 proto: "http",
             },
         );
@@ -507,18 +500,22 @@ fn framing_check(req: &Request<Body>, max_header_bytes: usize) -> Option<Respons
     None
 }
 
+const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+
 /// `x-request-id` from the client when sane, else a fresh one.
-fn request_id(h: &http::HeaderMap) -> String {
-    h.get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|s| {
-            !s.is_empty()
-                && s.len() <= 128
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+fn request_id(h: &http::HeaderMap) -> HeaderValue {
+    h.get(X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty()
+                && b.len() <= 128
+                && b.iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
         })
-        .map(str::to_string)
-        .unwrap_or_else(new_request_id)
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&new_request_id()).unwrap_or(HeaderValue::from_static("-"))
+        })
 }
 
 /// A fresh request id: a random per-process prefix and a counter (no syscall per request,

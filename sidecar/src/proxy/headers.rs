@@ -8,25 +8,47 @@ use std::net::IpAddr;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the legacy
 /// `Proxy-Connection` and `Keep-Alive`.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authorization"
+    )
+}
+
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// The forwarding headers a client may only set through a trusted proxy.
-const FORWARDING: [&str; 5] = [
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "forwarded",
-];
+fn is_forwarding(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "x-forwarded-for"
+            | "x-forwarded-host"
+            | "x-forwarded-proto"
+            | "x-forwarded-port"
+            | "forwarded"
+    )
+}
+
+/// Removes every header `pred` selects. Most requests carry none: one pass over the names,
+/// and the map is only touched when one matched.
+fn remove_matching(h: &mut HeaderMap, pred: impl Fn(&HeaderName) -> bool) {
+    if !h.keys().any(&pred) {
+        return;
+    }
+    let names: Vec<HeaderName> = h.keys().filter(|n| pred(n)).cloned().collect();
+    for n in names {
+        h.remove(n);
+    }
+}
 
 /// Whether `name` is one of the Geo proxy headers (`Gitlab-Workhorse-Geo-Proxy*`).
 pub fn is_geo_header(name: &HeaderName) -> bool {
@@ -35,17 +57,12 @@ pub fn is_geo_header(name: &HeaderName) -> bool {
 
 /// Removes every `Gitlab-Workhorse-Geo-Proxy*` header.
 pub fn strip_geo_headers(h: &mut HeaderMap) {
-    let names: Vec<HeaderName> = h.keys().filter(|n| is_geo_header(n)).cloned().collect();
-    for n in names {
-        h.remove(n);
-    }
+    remove_matching(h, is_geo_header);
 }
 
 /// Removes `X-Forwarded-*` and `Forwarded`.
 pub fn strip_forwarding(h: &mut HeaderMap) {
-    for n in FORWARDING {
-        h.remove(n);
-    }
+    remove_matching(h, is_forwarding);
 }
 
 /// The extra-data header value (`<kid>:<JWT>`), if exactly one was sent.
@@ -107,7 +124,7 @@ pub fn last_forwarded_for(h: &HeaderMap) -> Option<IpAddr> {
 }
 
 fn forwarded_for(h: &HeaderMap) -> Vec<IpAddr> {
-    h.get_all("x-forwarded-for")
+    h.get_all(X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -124,13 +141,12 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
+        .filter(|n| !is_hop_by_hop(n))
         .collect();
     for n in named {
         h.remove(n);
     }
-    for n in HOP_BY_HOP {
-        h.remove(n);
-    }
+    remove_matching(h, is_hop_by_hop);
 }
 
 /// The `Upgrade` protocol of a request that asks to switch protocols (e.g. `websocket`).
@@ -161,46 +177,58 @@ pub struct ForwardInfo<'a> {
 /// Appends this hop to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Host`/`-Proto`
 /// when no trusted hop set them already.
 pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
+    use std::fmt::Write;
     let peer = canonical(info.peer);
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {peer}"),
-        _ => peer.to_string(),
-    };
-    h.remove("x-forwarded-for");
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
-    }
-    if !h.contains_key("x-forwarded-host")
+    // One buffer for both appended values (this runs on every proxied request).
+    let mut buf = String::with_capacity(96);
+    append_element(h, X_FORWARDED_FOR, &mut buf, |b| {
+        let _ = write!(b, "{peer}");
+    });
+    if !h.contains_key(X_FORWARDED_HOST)
         && let Some(host) = info.host
         && let Ok(v) = HeaderValue::from_str(host)
     {
-        h.insert("x-forwarded-host", v);
+        h.insert(X_FORWARDED_HOST, v);
     }
-    if !h.contains_key("x-forwarded-proto") {
+    if !h.contains_key(X_FORWARDED_PROTO) {
         h.insert(
-            "x-forwarded-proto",
+            X_FORWARDED_PROTO,
             HeaderValue::from_str(info.proto).unwrap_or(HeaderValue::from_static("http")),
         );
     }
-    let for_ = match peer {
-        IpAddr::V4(a) => a.to_string(),
-        IpAddr::V6(a) => format!("\"[{a}]\""),
-    };
-    let mut elem = format!("for={for_};proto={}", info.proto);
-    if let Some(host) = info.host
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
-    {
-        elem.push_str(&format!(";host=\"{host}\""));
+    append_element(h, header::FORWARDED, &mut buf, |b| {
+        let _ = match peer {
+            IpAddr::V4(a) => write!(b, "for={a};proto={}", info.proto),
+            IpAddr::V6(a) => write!(b, "for=\"[{a}]\";proto={}", info.proto),
+        };
+        if let Some(host) = info.host
+            && host
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c))
+        {
+            let _ = write!(b, ";host=\"{host}\"");
+        }
+    });
+}
+
+/// Sets `name` to its previous (comma-joined) values followed by what `elem` writes.
+fn append_element(
+    h: &mut HeaderMap,
+    name: HeaderName,
+    buf: &mut String,
+    elem: impl FnOnce(&mut String),
+) {
+    buf.clear();
+    for prev in h.get_all(&name).iter().filter_map(|v| v.to_str().ok()) {
+        let prev = prev.trim();
+        if !prev.is_empty() {
+            buf.push_str(prev);
+            buf.push_str(", ");
+        }
     }
-    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {elem}"),
-        _ => elem,
-    };
-    h.remove(header::FORWARDED);
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        h.insert(header::FORWARDED, v);
+    elem(buf);
+    if let Ok(v) = HeaderValue::from_str(buf) {
+        h.insert(name, v);
     }
 }
 

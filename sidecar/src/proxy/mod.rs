@@ -5,13 +5,15 @@
 //! - [`front`]: the per-request phases (request filter → pick target → serve → response filter);
 //! - [`route`]: the route table ([`route::Target`]) and the acceleration hook;
 //! - [`headers`]: hop-by-hop, forwarding, Geo header and rewrite rules;
-//! - [`upstream`]: the pooled client, streaming, retries, Upgrade tunnelling;
+//! - [`upstream`]: the client, streaming, retries, Upgrade tunnelling;
+//! - [`pool`]: idle upstream connections, per thread;
 //! - [`discovery`]: the primary URL of a secondary.
 
 pub mod discovery;
 pub mod front;
 pub mod headers;
 pub mod metrics;
+pub mod pool;
 pub mod route;
 pub mod server;
 pub mod sniff;

@@ -3,14 +3,15 @@
 //! HTTP Upgrade (WebSocket) tunnelling.
 
 use crate::proxy::headers;
+use crate::proxy::pool;
 use axum::body::Body;
 use bytes::Bytes;
 use geoforge_crds::config::ProxyTuning;
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -73,21 +74,73 @@ pub fn connector(connect_timeout: Duration) -> Connector {
         .wrap_connector(http)
 }
 
-type PooledClient = Client<Connector, Body>;
+/// Where proxied requests go: an upstream URL digested once (not per request) into the pool
+/// key, the `Host` value, the URI the connector dials and the path prefix.
+#[derive(Clone, Debug)]
+pub struct UpstreamBase {
+    url: url::Url,
+    /// `scheme://host:port`: the pool key and the URI the connector dials.
+    origin: Uri,
+    host: HeaderValue,
+    /// The URL's path without its trailing `/` (empty for most upstreams).
+    prefix: String,
+}
 
-thread_local! {
-    /// This thread's connection pools, by [`Upstream::id`].
-    static POOLS: std::cell::RefCell<Vec<(u64, PooledClient)>> = const { std::cell::RefCell::new(Vec::new()) };
+impl UpstreamBase {
+    pub fn new(url: &url::Url) -> Result<UpstreamBase, UpstreamError> {
+        let host = url
+            .host_str()
+            .ok_or_else(|| UpstreamError::BadUrl("no host".into()))?;
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_string()
+        };
+        let authority = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        let origin: Uri = format!("{}://{authority}/", url.scheme())
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadUrl(e.to_string()))?;
+        Ok(UpstreamBase {
+            host: HeaderValue::from_str(&authority)
+                .map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
+            prefix: url.path().trim_end_matches('/').to_string(),
+            origin,
+            url: url.clone(),
+        })
+    }
+
+    pub fn url(&self) -> &url::Url {
+        &self.url
+    }
+
+    /// The request target sent upstream (origin form: the prefix, then the request's path
+    /// and query).
+    fn origin_form(&self, req: &Uri) -> Result<Uri, UpstreamError> {
+        let Some(pq) = req.path_and_query() else {
+            return Ok(Uri::from_static("/"));
+        };
+        if self.prefix.is_empty() {
+            return Ok(Uri::from(pq.clone()));
+        }
+        format!("{}{pq}", self.prefix)
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadUrl(e.to_string()))
+    }
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A pooled HTTP/1.1 client to upstreams (the primary, or the forge).
 ///
-/// One pool per thread: the service port runs one single-threaded runtime per core
-/// ([`crate::proxy::server`]), and a connection's hyper task lives on the runtime that
-/// opened it, so a per-thread pool keeps a request and its upstream connection on one
-/// thread (no cross-thread wake-ups per request).
+/// Connections are hyper's `client::conn::http1` driven by one task each; the pool is ours
+/// ([`pool`]) and per thread: the service port runs one single-threaded runtime per core
+/// ([`crate::proxy::server`]), and a connection's task lives on the runtime that opened it,
+/// so a request and its upstream connection stay on one thread. Owning the pool (rather
+/// than hyper-util's) saves a task spawn, a channel and a lock per request: a connection
+/// goes back to the idle list when the response body has ended.
 #[derive(Clone)]
 pub struct Upstream {
     id: u64,
@@ -104,35 +157,22 @@ impl Upstream {
         }
     }
 
-    /// Sends on this thread's pool for this upstream (created on first use).
-    fn request(&self, req: Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
-        POOLS.with(|pools| {
-            let mut pools = pools.borrow_mut();
-            let i = match pools.iter().position(|(id, _)| *id == self.id) {
-                Some(i) => i,
-                None => {
-                    let t = &self.tuning;
-                    let client = Client::builder(TokioExecutor::new())
-                        .pool_timer(TokioTimer::new())
-                        .timer(TokioTimer::new())
-                        .pool_idle_timeout(t.pool_idle_timeout)
-                        .pool_max_idle_per_host(256)
-                        .http1_max_buf_size(t.max_header_bytes.max(8192) * 2)
-                        .build(self.tls.clone());
-                    pools.push((self.id, client));
-                    pools.len() - 1
-                }
-            };
-            pools[i].1.request(req)
-        })
-    }
-
-    /// A plain request (discovery polls).
+    /// A plain request with an absolute URI (discovery polls).
     pub async fn send_simple(
         &self,
-        req: Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
-        self.send_once(req).await
+        mut req: Request<Body>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let base = UpstreamBase::new(
+            &url::Url::parse(&req.uri().to_string())
+                .map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
+        )?;
+        // the URL's own path is the request's, not a prefix
+        *req.uri_mut() = req
+            .uri()
+            .path_and_query()
+            .map_or(Uri::from_static("/"), |pq| Uri::from(pq.clone()));
+        req.headers_mut().insert(header::HOST, base.host.clone());
+        self.send(req, &base, false).await
     }
 
     /// Forwards `req` (already cleaned at ingress, forwarding headers set) to `base` + its path.
@@ -141,7 +181,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut req: Request<Body>,
-        base: &url::Url,
+        base: &UpstreamBase,
     ) -> Result<Response<Body>, UpstreamError> {
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -151,41 +191,15 @@ impl Upstream {
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             req.headers_mut().insert(header::UPGRADE, proto.clone());
         }
-        *req.uri_mut() = join_uri(base, req.uri())?;
+        *req.uri_mut() = base.origin_form(req.uri())?;
         *req.version_mut() = Version::HTTP_11;
-        let authority = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .unwrap_or_default();
-        req.headers_mut().insert(
-            header::HOST,
-            HeaderValue::from_str(&authority).map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
-        );
+        req.headers_mut().insert(header::HOST, base.host.clone());
 
-        // A request without a body that is safe to repeat can be retried once when a pooled
+        // A request without a body that is safe to repeat can be sent again when a pooled
         // connection turns out to be dead (the upstream closed it as we reused it).
-        let retry = (is_idempotent(req.method()) && req.body().size_hint().exact() == Some(0))
-            .then(|| {
-                let mut r = Request::new(Body::empty());
-                *r.method_mut() = req.method().clone();
-                *r.uri_mut() = req.uri().clone();
-                *r.version_mut() = req.version();
-                *r.headers_mut() = req.headers().clone();
-                r
-            })
-            .filter(|_| upgrade.is_none());
-
-        let resp = match self.send_once(req).await {
-            Ok(r) => r,
-            Err(UpstreamError::Other(e)) if retry.is_some() => {
-                tracing::debug!(
-                    "upstream request failed on a reused connection ({e}); retrying once"
-                );
-                self.send_once(retry.expect("checked")).await?
-            }
-            Err(e) => return Err(e),
-        };
+        let replayable =
+            upgrade.is_none() && is_idempotent(req.method()) && req.body().is_end_stream();
+        let resp = self.send(req, base, replayable).await?;
         let mut resp = resp;
         if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
@@ -222,35 +236,204 @@ impl Upstream {
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 
-    /// Sends once; the response head must arrive within `header_read_timeout` of the request
-    /// body having been sent (uploads are paced by the client, not timed here).
-    async fn send_once(
+    /// Sends on a pooled connection, or a new one. A request that never left (the connection
+    /// closed before hyper wrote it) is sent again on a new connection whatever its method;
+    /// a `replayable` one also when a reused connection failed under it.
+    async fn send(
         &self,
         req: Request<Body>,
-    ) -> Result<Response<hyper::body::Incoming>, UpstreamError> {
-        let (tx, rx) = oneshot::channel::<()>();
-        let req = req.map(|b| {
-            Body::new(NotifyEnd {
-                inner: b,
-                tx: Some(tx),
-            })
-        });
-        let fut = self.request(req);
-        tokio::pin!(fut);
+        base: &UpstreamBase,
+        replayable: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let (conn, reused) = match self.checkout(base).await {
+            Some(conn) => (conn, true),
+            None => (self.connect(base).await?, false),
+        };
+        let copy = (replayable && reused).then(|| bodiless_copy(&req));
+        let req = match self.send_on(conn, req, base).await {
+            Ok(r) => return Ok(r),
+            Err(Failed::Unsent(req, e)) => {
+                tracing::debug!("upstream connection closed before the request was sent ({e})");
+                *req
+            }
+            Err(Failed::Error(UpstreamError::Other(e))) if copy.is_some() => {
+                tracing::debug!(
+                    "upstream request failed on a reused connection ({e}); retrying once"
+                );
+                copy.expect("checked")
+            }
+            Err(Failed::Error(e)) => return Err(e),
+        };
+        let conn = self.connect(base).await?;
+        self.send_on(conn, req, base).await.map_err(|f| match f {
+            Failed::Unsent(_, e) => UpstreamError::Other(e),
+            Failed::Error(e) => e,
+        })
+    }
+
+    /// Sends once; the response head must arrive within `header_read_timeout` of the request
+    /// body having been sent (uploads are paced by the client, not timed here).
+    async fn send_on(
+        &self,
+        mut conn: SendRequest<Body>,
+        req: Request<Body>,
+        base: &UpstreamBase,
+    ) -> Result<Response<PooledBody>, Failed> {
         let limit = self.tuning.header_read_timeout;
+        let sent = if req.body().is_end_stream() {
+            None
+        } else {
+            let (tx, rx) = oneshot::channel::<()>();
+            Some((tx, rx))
+        };
+        let (req, rx) = match sent {
+            None => (req, None),
+            Some((tx, rx)) => (
+                req.map(|b| {
+                    Body::new(NotifyEnd {
+                        inner: b,
+                        tx: Some(tx),
+                    })
+                }),
+                Some(rx),
+            ),
+        };
+        let fut = conn.try_send_request(req);
         let deadline = async move {
-            let _ = rx.await;
+            if let Some(rx) = rx {
+                let _ = rx.await;
+            }
             tokio::time::sleep(limit).await;
         };
-        tokio::select! {
-            r = &mut fut => r.map_err(|e| {
-                if e.is_connect() {
-                    UpstreamError::Connect(error_chain(&e))
-                } else {
-                    UpstreamError::Other(error_chain(&e))
+        let resp = tokio::select! {
+            r = fut => r,
+            // Dropping the request future makes hyper close the connection.
+            _ = deadline => return Err(Failed::Error(UpstreamError::Timeout(limit))),
+        };
+        match resp {
+            Ok(resp) => {
+                let checkin = pool::Checkin::new(
+                    self.id,
+                    base.origin.clone(),
+                    conn,
+                    self.tuning.pool_idle_timeout,
+                );
+                Ok(resp.map(|b| PooledBody::new(b, checkin)))
+            }
+            Err(mut e) => {
+                let msg = error_chain(e.error());
+                match e.take_message() {
+                    Some(req) => Err(Failed::Unsent(Box::new(req), msg)),
+                    None => Err(Failed::Error(UpstreamError::Other(msg))),
                 }
-            }),
-            _ = deadline => Err(UpstreamError::Timeout(limit)),
+            }
+        }
+    }
+
+    /// A pooled connection to `base` that is ready for a request.
+    async fn checkout(&self, base: &UpstreamBase) -> Option<SendRequest<Body>> {
+        let t = &self.tuning;
+        while let Some(mut conn) = pool::take(self.id, &base.origin, t.pool_idle_timeout) {
+            // Back in the pool as soon as its response was read, a connection can be a poll
+            // away from ready; one that does not get there in time is dropped.
+            if conn.is_ready()
+                || matches!(
+                    tokio::time::timeout(t.connect_timeout, conn.ready()).await,
+                    Ok(Ok(()))
+                )
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Dials `base` and starts the connection's task on this thread's runtime.
+    async fn connect(&self, base: &UpstreamBase) -> Result<SendRequest<Body>, UpstreamError> {
+        let io = tower::ServiceExt::oneshot(self.tls.clone(), base.origin.clone())
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(e.as_ref())))?;
+        let (conn, driver) = hyper::client::conn::http1::Builder::new()
+            .max_buf_size(self.tuning.max_header_bytes.max(8192) * 2)
+            .handshake(io)
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = driver.with_upgrades().await {
+                tracing::debug!("upstream connection ended: {e}");
+            }
+        });
+        Ok(conn)
+    }
+}
+
+/// How a send failed: with the request still unsent (it may go again on a new connection),
+/// or with an error.
+enum Failed {
+    Unsent(Box<Request<Body>>, String),
+    Error(UpstreamError),
+}
+
+/// A copy of a request without a body, for its one retry.
+fn bodiless_copy(req: &Request<Body>) -> Request<Body> {
+    let mut r = Request::new(Body::empty());
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    r
+}
+
+/// A response body that hands its connection back to the pool once it has been read to the
+/// end (dropped early, the connection is dropped and hyper closes it).
+pub struct PooledBody {
+    inner: hyper::body::Incoming,
+    checkin: Option<pool::Checkin>,
+    ended: bool,
+}
+
+impl PooledBody {
+    fn new(inner: hyper::body::Incoming, checkin: pool::Checkin) -> PooledBody {
+        PooledBody {
+            ended: inner.is_end_stream(),
+            inner,
+            checkin: Some(checkin),
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Err(_))) => self.checkin = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if (self.ended || self.inner.is_end_stream())
+            && let Some(c) = self.checkin.take()
+        {
+            c.put();
         }
     }
 }
@@ -271,27 +454,6 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-/// `base` (scheme, authority and an optional path prefix) joined with the request's path and query.
-pub fn join_uri(base: &url::Url, req: &Uri) -> Result<Uri, UpstreamError> {
-    let prefix = base.path().trim_end_matches('/');
-    let pq = req.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let host = base
-        .host_str()
-        .ok_or_else(|| UpstreamError::BadUrl("no host".into()))?;
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    };
-    let authority = match base.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host,
-    };
-    format!("{}://{authority}{prefix}{pq}", base.scheme())
-        .parse()
-        .map_err(|e: http::uri::InvalidUri| UpstreamError::BadUrl(e.to_string()))
 }
 
 /// A request body that signals when it has been sent completely (or dropped).
@@ -331,12 +493,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn uri_join() {
-        let base = url::Url::parse("http://127.0.0.1:9000/prefix/").unwrap();
-        let u = join_uri(&base, &"/a/b?c=d".parse().unwrap()).unwrap();
-        assert_eq!(u.to_string(), "http://127.0.0.1:9000/prefix/a/b?c=d");
-        let base = url::Url::parse("http://[::1]:9000").unwrap();
-        let u = join_uri(&base, &"/x".parse().unwrap()).unwrap();
-        assert_eq!(u.to_string(), "http://[::1]:9000/x");
+    fn origin_form_with_and_without_prefix() {
+        let base =
+            UpstreamBase::new(&url::Url::parse("http://127.0.0.1:9000/prefix/").unwrap()).unwrap();
+        let u = base.origin_form(&"/a/b?c=d".parse().unwrap()).unwrap();
+        assert_eq!(u.to_string(), "/prefix/a/b?c=d");
+        assert_eq!(base.host, "127.0.0.1:9000");
+        let base = UpstreamBase::new(&url::Url::parse("http://[::1]:9000").unwrap()).unwrap();
+        assert_eq!(base.origin_form(&"/x".parse().unwrap()).unwrap(), "/x");
+        assert_eq!(base.host, "[::1]:9000");
+        assert_eq!(base.origin.to_string(), "http://[::1]:9000/");
+        let abs = base
+            .origin_form(&"http://elsewhere/y?z".parse().unwrap())
+            .unwrap();
+        assert_eq!(abs.to_string(), "/y?z");
     }
 }

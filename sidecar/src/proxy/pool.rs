@@ -1,0 +1,191 @@
+//! Idle upstream connections, one list per thread, upstream and origin.
+//!
+//! A connection enters the list when the response it carried has been read to the end
+//! ([`crate::proxy::upstream::PooledBody`]) and leaves it for the next request to the same
+//! origin, most recently used first (the warmest socket, and the oldest ones age out).
+//! Connections idle longer than `proxy.poolIdleTimeout` are dropped — hyper then closes
+//! them — when the list is next touched on that thread, and never handed out; one that the
+//! upstream closed is noticed by its connection task and skipped. An idle connection is
+//! never reused after the timeout, which stays below the upstream's keep-alive so that we,
+//! not the upstream, close first.
+
+use axum::body::Body;
+use http::Uri;
+use hyper::client::conn::http1::SendRequest;
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+/// Idle connections kept per upstream origin and thread.
+const MAX_IDLE: usize = 256;
+
+struct Idle {
+    conn: SendRequest<Body>,
+    since: Instant,
+}
+
+struct List {
+    upstream: u64,
+    origin: Uri,
+    idle: Vec<Idle>,
+}
+
+thread_local! {
+    static LISTS: RefCell<Vec<List>> = const { RefCell::new(Vec::new()) };
+}
+
+fn same_origin(a: &Uri, b: &Uri) -> bool {
+    a.scheme() == b.scheme() && a.authority() == b.authority()
+}
+
+fn with_list<R>(upstream: u64, origin: &Uri, f: impl FnOnce(&mut Vec<Idle>) -> R) -> R {
+    LISTS.with_borrow_mut(|lists| {
+        let i = match lists
+            .iter()
+            .position(|l| l.upstream == upstream && same_origin(&l.origin, origin))
+        {
+            Some(i) => i,
+            None => {
+                lists.push(List {
+                    upstream,
+                    origin: origin.clone(),
+                    idle: Vec::new(),
+                });
+                lists.len() - 1
+            }
+        };
+        f(&mut lists[i].idle)
+    })
+}
+
+/// The most recently used open idle connection to `origin`, if any. It may still be finishing
+/// its last exchange: the caller waits for `ready()`.
+pub fn take(upstream: u64, origin: &Uri, idle_timeout: Duration) -> Option<SendRequest<Body>> {
+    with_list(upstream, origin, |idle| {
+        let now = Instant::now();
+        while let Some(i) = idle.pop() {
+            if !i.conn.is_closed() && now.duration_since(i.since) < idle_timeout {
+                return Some(i.conn);
+            }
+            // closed or expired: dropped (hyper closes it)
+        }
+        None
+    })
+}
+
+/// A connection that goes back to its list once its response has been read.
+pub struct Checkin {
+    upstream: u64,
+    origin: Uri,
+    conn: SendRequest<Body>,
+    idle_timeout: Duration,
+}
+
+impl Checkin {
+    pub fn new(
+        upstream: u64,
+        origin: Uri,
+        conn: SendRequest<Body>,
+        idle_timeout: Duration,
+    ) -> Checkin {
+        Checkin {
+            upstream,
+            origin,
+            conn,
+            idle_timeout,
+        }
+    }
+
+    pub fn put(self) {
+        self.put_at(Instant::now());
+    }
+
+    fn put_at(self, since: Instant) {
+        if self.conn.is_closed() {
+            return;
+        }
+        let Checkin {
+            upstream,
+            origin,
+            conn,
+            idle_timeout,
+        } = self;
+        with_list(upstream, &origin, |idle| {
+            // the oldest are first: drop the expired ones while the list is at hand
+            let now = Instant::now();
+            let expired = idle
+                .iter()
+                .take_while(|i| now.duration_since(i.since) >= idle_timeout)
+                .count();
+            idle.drain(..expired);
+            if idle.len() >= MAX_IDLE {
+                idle.remove(0);
+            }
+            idle.push(Idle { conn, since });
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncReadExt;
+
+    /// A loopback server that reports when the client closed its connection, and a hyper
+    /// connection to it.
+    async fn connection() -> (Uri, SendRequest<Body>, tokio::sync::oneshot::Receiver<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let (closed_tx, closed) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 64];
+            while s.read(&mut b).await.is_ok_and(|n| n > 0) {}
+            let _ = closed_tx.send(());
+        });
+        let io = tokio::net::TcpStream::connect(origin.authority().unwrap().as_str())
+            .await
+            .unwrap();
+        let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .unwrap();
+        tokio::spawn(driver);
+        (origin, conn, closed)
+    }
+
+    const IDLE: Duration = Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn a_checked_in_connection_is_handed_out_once() {
+        let (origin, conn, _closed) = connection().await;
+        Checkin::new(1, origin.clone(), conn, IDLE).put();
+        assert!(take(1, &origin, IDLE).is_some());
+        assert!(take(1, &origin, IDLE).is_none(), "taken already");
+    }
+
+    #[tokio::test]
+    async fn an_expired_connection_is_closed_not_reused() {
+        let (origin, conn, closed) = connection().await;
+        let long_ago = Instant::now()
+            .checked_sub(IDLE * 2)
+            .expect("the clock started long ago");
+        Checkin::new(7, origin.clone(), conn, IDLE).put_at(long_ago);
+        assert!(take(7, &origin, IDLE).is_none());
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("the upstream saw the expired connection close within 10 s")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_of_other_upstreams_or_origins_are_not_mixed() {
+        let (origin, conn, _closed) = connection().await;
+        Checkin::new(3, origin.clone(), conn, IDLE).put();
+        let other: Uri = "http://127.0.0.1:1/".parse().unwrap();
+        assert!(take(4, &origin, IDLE).is_none(), "another upstream's list");
+        assert!(take(3, &other, IDLE).is_none(), "another origin");
+        assert!(take(3, &origin, IDLE).is_some());
+    }
+}
