@@ -59,9 +59,18 @@ pub struct Front {
     upstream: Upstream,
     metrics: ProxyMetrics,
     extra_data: Mutex<Option<(String, HeaderValue, Instant)>>,
-    primary_parsed: Mutex<Option<(String, Arc<UpstreamBase>)>>,
+    primary_parsed: Mutex<Option<(String, Arc<PrimaryRoute>)>>,
     peer_sites: Vec<String>,
     warned_aud: std::sync::atomic::AtomicBool,
+}
+
+/// The primary at one URL, as the proxy needs it.
+struct PrimaryRoute {
+    base: UpstreamBase,
+    /// URL prefixes that `Location`/`Refresh` rewrites replace (internal, then external URL).
+    rewrite_from: Vec<String>,
+    /// The primary's site id: the audience of the extra data (see the module docs).
+    aud: Option<String>,
 }
 
 /// What ingress learnt about a request.
@@ -185,45 +194,51 @@ impl Front {
         }
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // 2. pick target
-        let primary_url = self.primary.as_ref().and_then(|w| w.borrow().clone());
+        // the watch's guard is a lock: resolved (from a cache) and released right away
+        let primary = self.primary.as_ref().and_then(|w| {
+            let url = w.borrow();
+            url.as_deref().map(|u| self.primary_route(u))
+        });
         let target = {
             let (parts, body) = req.into_parts();
-            let t = route::pick_target(self.ctx.config.role, &parts, primary_url.as_deref());
+            let t = route::pick_target(self.ctx.config.role, &parts, primary);
             req = Request::from_parts(parts, body);
             t
         };
         let label = target.label();
         // 3. serve, 4. response filter
         let resp = match target {
-            Target::GeoApi => self.serve_geo_api(req, peer).await,
+            // Rare or heavy branches are boxed: a request's future is as large as its largest
+            // branch and is moved whole, so the hot proxy path stays small.
+            Target::GeoApi => Box::pin(self.serve_geo_api(req, peer)).await,
             Target::Forge => {
                 let req = strip_from_secondary_prefix(req);
                 self.serve_forge(req, &ingress, route_name).await
             }
             // A secondary's reads: the accelerator answers from the replica what it can
             // (DESIGN §3) and learns from what the primary answers.
-            Target::Primary(url) if self.read_accel.is_some() => {
+            Target::Primary(route) if self.read_accel.is_some() => {
                 let accel = self.read_accel.as_ref().expect("checked");
-                match accel.intercept(req, ingress.client, true).await {
+                match Box::pin(accel.intercept(req, ingress.client, true)).await {
                     Intercept::Served(_, resp) => return ("local", resp),
                     Intercept::Proxy(req, pending) => {
-                        let resp = self.serve_primary(*req, &ingress, &url).await;
-                        accel.complete(pending, resp).await
+                        let resp = self.serve_primary(*req, &ingress, route).await;
+                        Box::pin(accel.complete(pending, resp)).await
                     }
                 }
             }
             Target::Unavailable if self.read_accel.is_some() => {
                 let accel = self.read_accel.as_ref().expect("checked");
-                match accel.intercept(req, ingress.client, false).await {
+                match Box::pin(accel.intercept(req, ingress.client, false)).await {
                     Intercept::Served(_, resp) => return ("local", resp),
                     Intercept::Proxy(req, pending) => {
                         let resp =
                             primary_unavailable(req.headers(), "the primary site is unknown");
-                        accel.complete(pending, resp).await
+                        Box::pin(accel.complete(pending, resp)).await
                     }
                 }
             }
-            Target::Primary(url) => self.serve_primary(req, &ingress, &url).await,
+            Target::Primary(route) => self.serve_primary(req, &ingress, route).await,
             Target::Unavailable => {
                 primary_unavailable(req.headers(), "the primary site is unknown")
             }
@@ -289,7 +304,7 @@ impl Front {
         route_name: &'static str,
     ) -> Response<Body> {
         let forge = match &self.forge {
-            Some(ForgeBackend::Embedded(f)) => return f.serve(req, ingress.client).await,
+            Some(ForgeBackend::Embedded(f)) => return Box::pin(f.serve(req, ingress.client)).await,
             Some(ForgeBackend::Upstream(u)) => u,
             None => {
                 return crate::http_util::error(
@@ -325,11 +340,11 @@ impl Front {
         &self,
         mut req: Request<Body>,
         ingress: &Ingress,
-        primary: &str,
+        route: Result<Arc<PrimaryRoute>, UpstreamError>,
     ) -> Response<Body> {
         let json = crate::http_util::wants_json(req.headers());
-        let base = match self.parse_primary(primary) {
-            Ok(b) => b,
+        let route = match route {
+            Ok(r) => r,
             Err(e) => {
                 self.upstream_error("primary", &e);
                 return primary_unavailable_json(json, "the primary site is unreachable");
@@ -338,16 +353,16 @@ impl Front {
         self.add_forwarding(&mut req, ingress);
         let h = req.headers_mut();
         h.insert(PROXY_HEADER, HeaderValue::from_static("1"));
-        if let Some(v) = self.extra_data_for(base.url()) {
+        if let Some(v) = self.extra_data_for(&route) {
             h.insert(PROXY_EXTRA_DATA_HEADER, v);
         }
-        match self.upstream.forward(req, &base).await {
+        match self.upstream.forward(req, &route.base).await {
             Ok(mut resp) => {
-                let mut from = vec![primary.to_string()];
-                if let Some(ext) = &self.ctx.config.primary_external_url {
-                    from.push(ext.clone());
-                }
-                headers::rewrite_response(resp.headers_mut(), &from, &self.ctx.config.external_url);
+                headers::rewrite_response(
+                    resp.headers_mut(),
+                    &route.rewrite_from,
+                    &self.ctx.config.external_url,
+                );
                 resp
             }
             Err(e) => {
@@ -357,21 +372,30 @@ impl Front {
         }
     }
 
-    /// The primary URL, parsed once per change rather than once per request.
-    fn parse_primary(&self, primary: &str) -> Result<Arc<UpstreamBase>, UpstreamError> {
+    /// What proxying to the primary at `primary` needs, worked out once per URL change
+    /// rather than once per request.
+    fn primary_route(&self, primary: &str) -> Result<Arc<PrimaryRoute>, UpstreamError> {
         let mut cache = self.primary_parsed.lock().expect("primary url cache");
-        if let Some((raw, parsed)) = cache.as_ref()
+        if let Some((raw, route)) = cache.as_ref()
             && raw == primary
         {
-            return Ok(parsed.clone());
+            return Ok(route.clone());
         }
         let url = url::Url::parse(primary).map_err(|e| UpstreamError::BadUrl(e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(UpstreamError::BadUrl(format!("scheme {}", url.scheme())));
         }
-        let parsed = Arc::new(UpstreamBase::new(&url)?);
-        *cache = Some((primary.to_string(), parsed.clone()));
-        Ok(parsed)
+        let mut rewrite_from = vec![primary.to_string()];
+        if let Some(ext) = &self.ctx.config.primary_external_url {
+            rewrite_from.push(ext.clone());
+        }
+        let route = Arc::new(PrimaryRoute {
+            base: UpstreamBase::new(&url)?,
+            rewrite_from,
+            aud: self.primary_site(&url),
+        });
+        *cache = Some((primary.to_string(), route.clone()));
+        Ok(route)
     }
 
     fn add_forwarding(&self, req: &mut Request<Body>, ingress: &Ingress) {
@@ -402,19 +426,19 @@ impl Front {
             .inc();
     }
 
-    /// The extra-data header for the primary at `base` (cached for a few seconds).
-    fn extra_data_for(&self, base: &url::Url) -> Option<HeaderValue> {
-        let aud = self.primary_site(base)?;
+    /// The extra-data header for the primary of `route` (cached for a few seconds).
+    fn extra_data_for(&self, route: &PrimaryRoute) -> Option<HeaderValue> {
+        let aud = route.aud.as_deref()?;
         let mut cache = self.extra_data.lock().expect("extra data cache");
         if let Some((a, v, at)) = cache.as_ref()
-            && *a == aud
+            && a == aud
             && at.elapsed() < EXTRA_DATA_CACHE
         {
             return Some(v.clone());
         }
-        let mut v = HeaderValue::from_str(&self.ctx.signing_key.extra_data(&aud)).ok()?;
+        let mut v = HeaderValue::from_str(&self.ctx.signing_key.extra_data(aud)).ok()?;
         v.set_sensitive(true);
-        *cache = Some((aud, v.clone(), Instant::now()));
+        *cache = Some((aud.to_string(), v.clone(), Instant::now()));
         Some(v)
     }
 

@@ -181,9 +181,7 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     let peer = canonical(info.peer);
     // One buffer for both appended values (this runs on every proxied request).
     let mut buf = String::with_capacity(96);
-    append_element(h, X_FORWARDED_FOR, &mut buf, |b| {
-        let _ = write!(b, "{peer}");
-    });
+    append_element(h, X_FORWARDED_FOR, &mut buf, |b| push_ip(b, peer));
     if !h.contains_key(X_FORWARDED_HOST)
         && let Some(host) = info.host
         && let Ok(v) = HeaderValue::from_str(host)
@@ -197,10 +195,17 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         );
     }
     append_element(h, header::FORWARDED, &mut buf, |b| {
-        let _ = match peer {
-            IpAddr::V4(a) => write!(b, "for={a};proto={}", info.proto),
-            IpAddr::V6(a) => write!(b, "for=\"[{a}]\";proto={}", info.proto),
-        };
+        match peer {
+            IpAddr::V4(_) => {
+                b.push_str("for=");
+                push_ip(b, peer);
+            }
+            IpAddr::V6(a) => {
+                let _ = write!(b, "for=\"[{a}]\"");
+            }
+        }
+        b.push_str(";proto=");
+        b.push_str(info.proto);
         if let Some(host) = info.host
             && host
                 .bytes()
@@ -209,6 +214,31 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             let _ = write!(b, ";host=\"{host}\"");
         }
     });
+}
+
+/// Writes an address as `Display` does; IPv4 by hand, as the formatter is a measurable share
+/// of a proxied request.
+fn push_ip(b: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    b.push('.');
+                }
+                if o >= 100 {
+                    b.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    b.push(char::from(b'0' + o / 10 % 10));
+                }
+                b.push(char::from(b'0' + o % 10));
+            }
+        }
+        IpAddr::V6(a) => {
+            use std::fmt::Write;
+            let _ = write!(b, "{a}");
+        }
+    }
 }
 
 /// Sets `name` to its previous (comma-joined) values followed by what `elem` writes.
@@ -373,6 +403,23 @@ mod tests {
             Some("1.2.3.4".parse().unwrap())
         );
         assert!(t.contains("::ffff:10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn addresses_written_as_display_does() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.9.100",
+            "255.255.255.255",
+            "192.168.1.19",
+            "::1",
+            "fe80::2",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let mut b = String::new();
+            push_ip(&mut b, ip);
+            assert_eq!(b, ip.to_string());
+        }
     }
 
     #[test]

@@ -17,18 +17,18 @@ use http::request::Parts;
 
 /// Where a request goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
+pub enum Target<P> {
     /// The primary's Geo API, served in-process.
     GeoApi,
     /// The forge this site fronts.
     Forge,
-    /// Streamed to the primary at this internal URL.
-    Primary(String),
+    /// Streamed to the primary (`P`: its internal URL, or what the caller digested it into).
+    Primary(P),
     /// The primary is unknown: 503 with `Retry-After`.
     Unavailable,
 }
 
-impl Target {
+impl<P> Target<P> {
     /// The `target` metric label.
     pub fn label(&self) -> &'static str {
         match self {
@@ -45,12 +45,12 @@ pub fn is_geo_api(path: &str) -> bool {
 }
 
 /// The route table.
-pub fn pick_target(role: SiteRole, req: &Parts, primary_url: Option<&str>) -> Target {
+pub fn pick_target<P>(role: SiteRole, req: &Parts, primary: Option<P>) -> Target<P> {
     match role {
         SiteRole::Primary if is_geo_api(req.uri.path()) => Target::GeoApi,
         SiteRole::Primary | SiteRole::Disabled => Target::Forge,
-        SiteRole::Secondary => match primary_url {
-            Some(u) => Target::Primary(u.to_string()),
+        SiteRole::Secondary => match primary {
+            Some(p) => Target::Primary(p),
             None => Target::Unavailable,
         },
     }
@@ -93,17 +93,18 @@ mod tests {
     #[test]
     fn table() {
         let p = parts("/api/v4/geo/events");
-        assert_eq!(pick_target(SiteRole::Primary, &p, None), Target::GeoApi);
+        let none = None::<&str>;
+        assert_eq!(pick_target(SiteRole::Primary, &p, none), Target::GeoApi);
         let p = parts("/api/v4/geology");
-        assert_eq!(pick_target(SiteRole::Primary, &p, None), Target::Forge);
+        assert_eq!(pick_target(SiteRole::Primary, &p, none), Target::Forge);
         let p = parts("/g/p.git/info/refs");
-        assert_eq!(pick_target(SiteRole::Disabled, &p, None), Target::Forge);
+        assert_eq!(pick_target(SiteRole::Disabled, &p, none), Target::Forge);
         assert_eq!(
             pick_target(SiteRole::Secondary, &p, Some("http://p")),
-            Target::Primary("http://p".into())
+            Target::Primary("http://p")
         );
         assert_eq!(
-            pick_target(SiteRole::Secondary, &p, None),
+            pick_target(SiteRole::Secondary, &p, none),
             Target::Unavailable
         );
         assert_eq!(

@@ -247,7 +247,8 @@ impl Upstream {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let (conn, reused) = match self.checkout(base).await {
             Some(conn) => (conn, true),
-            None => (self.connect(base).await?, false),
+            // boxed: a dial is rare and its future large (moved with every request's otherwise)
+            None => (Box::pin(self.connect(base)).await?, false),
         };
         let copy = (replayable && reused).then(|| bodiless_copy(&req));
         let req = match self.send_on(conn, req, base).await {
@@ -264,11 +265,13 @@ impl Upstream {
             }
             Err(Failed::Error(e)) => return Err(e),
         };
-        let conn = self.connect(base).await?;
-        self.send_on(conn, req, base).await.map_err(|f| match f {
-            Failed::Unsent(_, e) => UpstreamError::Other(e),
-            Failed::Error(e) => e,
-        })
+        let conn = Box::pin(self.connect(base)).await?;
+        Box::pin(self.send_on(conn, req, base))
+            .await
+            .map_err(|f| match f {
+                Failed::Unsent(_, e) => UpstreamError::Other(e),
+                Failed::Error(e) => e,
+            })
     }
 
     /// Sends once; the response head must arrive within `header_read_timeout` of the request
