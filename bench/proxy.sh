@@ -7,11 +7,18 @@
 #   DURATION=20s CONNS=128 RUNS=5 bash bench/proxy.sh
 #   HOLD=1 NO_BUILD=1 bash bench/proxy.sh   # start both and wait (for perf record)
 #   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
+#   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
 #
-# The upstream is an nginx server block answering a small fixed body (and serving a 1 GiB
-# sparse file for the streaming run); the reverse-proxy nginx is configured at its best
-# (an `upstream` block with keepalive, HTTP/1.1 to the upstream, access log off). The sidecar
-# runs the release build as a `role: disabled` site whose forge is the same upstream.
+# The upstream is an nginx server answering a small fixed body (and serving a 1 GiB sparse
+# file for the streaming run); the reverse-proxy nginx is configured at its best (an
+# `upstream` block with keepalive, HTTP/1.1 to the upstream, access log off). The sidecar runs
+# the release build as a `role: disabled` site whose forge is the same upstream.
+#
+# The upstream runs in its own nginx instance (its own worker processes), as an upstream does
+# in any deployment, so both proxies add the same processes to the machine.
+# UPSTREAM=shared serves it from the reverse proxy's own workers instead (the layout of the
+# first rounds in BENCHMARKS.md): nginx then often handles both ends of a proxied request in
+# one process, which no real deployment does, and which the sidecar cannot do.
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -24,6 +31,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -f "$WORK/up/nginx.pid" ] && kill "$(cat "$WORK/up/nginx.pid")" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -45,19 +53,18 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port)
 
 # --- upstream + reverse proxy: one nginx, two server blocks -------------------------------
-mkdir -p "$WORK/www/upload" "$WORK/tmp"
+mkdir -p "$WORK/www/upload" "$WORK/tmp" "$WORK/up/tmp"
 chmod 755 "$WORK"; chmod 777 "$WORK/www/upload" # nginx workers run as an unprivileged user
 truncate -s 1G "$WORK/www/big"
-cat > "$WORK/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
+http_common() { # $1: temp dir prefix
+  cat <<EOF
   access_log off;
-  client_body_temp_path $WORK/tmp/body; proxy_temp_path $WORK/tmp/proxy;
-  fastcgi_temp_path $WORK/tmp/fcgi; uwsgi_temp_path $WORK/tmp/uwsgi; scgi_temp_path $WORK/tmp/scgi;
+  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
   keepalive_requests 1000000;
+EOF
+}
+UPSTREAM_SERVER=$(cat <<EOF
   # the small upstream
   server {
     listen 127.0.0.1:$UP;
@@ -67,6 +74,32 @@ http {
     # PUT stores the body (nginx reads all of it before answering), then the run deletes it
     location /upload/ { root $WORK/www; dav_methods PUT DELETE; create_full_put_path on; client_body_temp_path $WORK/tmp/put; }
   }
+EOF
+)
+if [ "${UPSTREAM:-separate}" = shared ]; then
+  SHARED_UPSTREAM=$UPSTREAM_SERVER
+else
+  SHARED_UPSTREAM=""
+  cat > "$WORK/up/nginx.conf" <<EOF
+worker_processes auto;
+pid $WORK/up/nginx.pid;
+error_log $WORK/up/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+$(http_common "$WORK/up/tmp")
+$UPSTREAM_SERVER
+}
+EOF
+  "$NGINX" -c "$WORK/up/nginx.conf" -p "$WORK/up"
+fi
+cat > "$WORK/nginx.conf" <<EOF
+worker_processes auto;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+$(http_common "$WORK/tmp")
+$SHARED_UPSTREAM
   # nginx as the reverse proxy, at its best
   upstream app { server 127.0.0.1:$UP; keepalive 256; }
   server {
@@ -126,7 +159,7 @@ to_ms() { # wrk latency (e.g. 1.23ms, 850.00us, 1.02s) → ms
 }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback"
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; upstream: ${UPSTREAM:-separate} nginx; sidecar ioThreads: ${IO_THREADS:-0} (0: one per CPU)"
 # Alternate nginx and sidecar runs and take the median of each (a shared machine is noisy).
 N_R=(); N_P=(); S_R=(); S_P=()
 for i in $(seq 1 "$RUNS"); do
