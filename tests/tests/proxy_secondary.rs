@@ -707,11 +707,12 @@ async fn idempotent_request_retried_once_after_a_stale_pooled_connection() {
     // requests answered so far; whether a kept-alive connection was dropped
     let answered = Arc::new(AtomicUsize::new(0));
     let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (a, d) = (answered.clone(), dropped.clone());
+    let posts = Arc::new(AtomicUsize::new(0));
+    let (a, d, p) = (answered.clone(), dropped.clone(), posts.clone());
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(mut s) = stream else { return };
-            let (a, d) = (a.clone(), d.clone());
+            let (a, d, p) = (a.clone(), d.clone(), p.clone());
             std::thread::spawn(move || {
                 let read_head = |s: &mut std::net::TcpStream| -> Option<String> {
                     let mut head = Vec::new();
@@ -729,6 +730,10 @@ async fn idempotent_request_retried_once_after_a_stale_pooled_connection() {
                     if head.starts_with("GET /-/") || head.contains("/api/v4/geo/") {
                         let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
                         continue;
+                    }
+                    if head.starts_with("POST ") {
+                        p.fetch_add(1, SeqCst);
+                        return; // a POST is never answered: the connection dies under it
                     }
                     if served == 1 && !d.swap(true, SeqCst) {
                         return; // stale: close without answering
@@ -768,4 +773,11 @@ async fn idempotent_request_retried_once_after_a_stale_pooled_connection() {
         dropped.load(SeqCst),
         "the pooled connection was dropped under the request"
     );
+    // A POST that reached the upstream is not sent again when its connection dies.
+    let req = hyper::Request::post(format!("{}/c", sc.url()))
+        .body(httpd::full(""))
+        .unwrap();
+    let r = httpd::send(req, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text()); // the secondary's answer to a failed upstream
+    assert_eq!(posts.load(SeqCst), 1, "the POST was sent exactly once");
 }
