@@ -315,12 +315,15 @@ impl Upstream {
         };
         match resp {
             Ok(resp) => {
-                let checkin = pool::Checkin::new(
-                    self.id,
-                    base.origin.clone(),
-                    conn,
-                    self.tuning.pool_idle_timeout,
-                );
+                // A connection that switched protocols belongs to the tunnel, not the pool.
+                let checkin = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| {
+                    pool::Checkin::new(
+                        self.id,
+                        base.origin.clone(),
+                        conn,
+                        self.tuning.pool_idle_timeout,
+                    )
+                });
                 Ok(resp.map(|b| PooledBody::new(b, checkin)))
             }
             Err(mut e) => {
@@ -396,11 +399,11 @@ pub struct PooledBody {
 }
 
 impl PooledBody {
-    fn new(inner: hyper::body::Incoming, checkin: pool::Checkin) -> PooledBody {
+    fn new(inner: hyper::body::Incoming, checkin: Option<pool::Checkin>) -> PooledBody {
         PooledBody {
             ended: inner.is_end_stream(),
             inner,
-            checkin: Some(checkin),
+            checkin,
         }
     }
 }
