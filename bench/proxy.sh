@@ -8,11 +8,13 @@
 #   HOLD=1 NO_BUILD=1 bash bench/proxy.sh   # start both and wait (for perf record)
 #   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
 #   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
+#   ROLE=secondary bash bench/proxy.sh      # the sidecar as a Geo secondary proxying to the upstream
 #
 # The upstream is an nginx server answering a small fixed body (and serving a 1 GiB sparse
 # file for the streaming run); the reverse-proxy nginx is configured at its best (an
 # `upstream` block with keepalive, HTTP/1.1 to the upstream, access log off). The sidecar runs
-# the release build as a `role: disabled` site whose forge is the same upstream.
+# the release build as a `role: disabled` site whose forge is the same upstream (ROLE=secondary:
+# a secondary whose primary is that upstream).
 #
 # The upstream runs in its own nginx instance (its own worker processes), as an upstream does
 # in any deployment, so both proxies add the same processes to the machine.
@@ -119,16 +121,26 @@ EOF
 # --- the sidecar in front of the same upstream --------------------------------------------
 "$SIDECAR" keygen --out "$WORK/key.pem" --kid bench.1 >/dev/null
 mkdir -p "$WORK/state" "$WORK/data"
+if [ "${ROLE:-disabled}" = secondary ]; then
+  # The Geo proxy path: a secondary whose primary (static URL) is the upstream. Each request
+  # also carries the signed extra-data header and passes the read accelerator's table.
+  PEER_KEY=$("$SIDECAR" keygen --out "$WORK/peer.pem" --kid paris.1 | awk '/^key:/ {print $2}')
+  ROLE_YAML="role: secondary
+primary: { staticUrl: \"http://127.0.0.1:$UP\" }
+keys: { kid: bench.1, privateKeyFile: $WORK/key.pem, trusted: [ { kid: paris.1, publicKey: $PEER_KEY } ] }"
+else
+  ROLE_YAML="role: disabled
+keys: { kid: bench.1, privateKeyFile: $WORK/key.pem }
+forge: { upstreamUrl: \"http://127.0.0.1:$UP\" }"
+fi
 cat > "$WORK/sidecar.yaml" <<EOF
 siteId: bench
-role: disabled
+$ROLE_YAML
 externalUrl: http://127.0.0.1:$SC
 allowInsecure: true
 stateDir: $WORK/state
 storageRoot: $WORK/data
 listen: { service: "127.0.0.1:$SC", admin: "127.0.0.1:$SCA" }
-keys: { kid: bench.1, privateKeyFile: $WORK/key.pem }
-forge: { upstreamUrl: "http://127.0.0.1:$UP" }
 proxy: { ioThreads: ${IO_THREADS:-0} }
 log: { level: warn }
 EOF
@@ -159,7 +171,7 @@ to_ms() { # wrk latency (e.g. 1.23ms, 850.00us, 1.02s) → ms
 }
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; upstream: ${UPSTREAM:-separate} nginx; sidecar ioThreads: ${IO_THREADS:-0} (0: one per CPU)"
+echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; upstream: ${UPSTREAM:-separate} nginx; sidecar role ${ROLE:-disabled}, ioThreads: ${IO_THREADS:-0} (0: one per CPU)"
 # Alternate nginx and sidecar runs and take the median of each (a shared machine is noisy).
 N_R=(); N_P=(); S_R=(); S_P=()
 for i in $(seq 1 "$RUNS"); do
