@@ -177,7 +177,6 @@ pub struct ForwardInfo<'a> {
 /// Appends this hop to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Host`/`-Proto`
 /// when no trusted hop set them already.
 pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    use std::fmt::Write;
     let peer = canonical(info.peer);
     // One buffer for both appended values (this runs on every proxied request).
     let mut buf = String::with_capacity(96);
@@ -195,15 +194,15 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         );
     }
     append_element(h, header::FORWARDED, &mut buf, |b| {
-        match peer {
-            IpAddr::V4(_) => {
-                b.push_str("for=");
-                push_ip(b, peer);
-            }
-            IpAddr::V6(a) => {
-                let _ = write!(b, "for=\"[{a}]\"");
-            }
-        }
+        // RFC 7239: an IPv6 node is quoted and bracketed
+        let (open, close) = if peer.is_ipv6() {
+            ("for=\"[", "]\"")
+        } else {
+            ("for=", "")
+        };
+        b.push_str(open);
+        push_ip(b, peer);
+        b.push_str(close);
         b.push_str(";proto=");
         b.push_str(info.proto);
         if let Some(host) = info.host
@@ -211,7 +210,9 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c))
         {
-            let _ = write!(b, ";host=\"{host}\"");
+            b.push_str(";host=\"");
+            b.push_str(host);
+            b.push('"');
         }
     });
 }
@@ -420,6 +421,21 @@ mod tests {
             push_ip(&mut b, ip);
             assert_eq!(b, ip.to_string());
         }
+    }
+
+    #[test]
+    fn an_ipv6_hop_is_quoted_and_bracketed_in_forwarded() {
+        let mut h = HeaderMap::new();
+        add_forwarding(
+            &mut h,
+            &ForwardInfo {
+                peer: "2001:db8::7".parse().unwrap(),
+                host: None,
+                proto: "https",
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "2001:db8::7");
+        assert_eq!(h[header::FORWARDED], "for=\"[2001:db8::7]\";proto=https");
     }
 
     #[test]

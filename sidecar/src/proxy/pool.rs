@@ -99,7 +99,9 @@ impl Checkin {
         self.put_at(Instant::now());
     }
 
-    fn put_at(self, since: Instant) {
+    /// Checks in as idle since `at`, which is also "now" for dropping expired neighbours
+    /// (one clock read per check-in).
+    fn put_at(self, at: Instant) {
         if self.conn.is_closed() {
             return;
         }
@@ -111,16 +113,15 @@ impl Checkin {
         } = self;
         with_list(upstream, &origin, |idle| {
             // the oldest are first: drop the expired ones while the list is at hand
-            let now = Instant::now();
             let expired = idle
                 .iter()
-                .take_while(|i| now.duration_since(i.since) >= idle_timeout)
+                .take_while(|i| at.saturating_duration_since(i.since) >= idle_timeout)
                 .count();
             idle.drain(..expired);
             if idle.len() >= MAX_IDLE {
                 idle.remove(0);
             }
-            idle.push(Idle { conn, since });
+            idle.push(Idle { conn, since: at });
         });
     }
 }

@@ -45,16 +45,35 @@ struct Accepted {
     slot: Slot,
 }
 
-/// A connection's place in the limits: its `maxConnections` permit and its count on the
-/// worker serving it, both given back when the connection ends, however it ends.
+/// A connection's place in the limits: its `maxConnections` permit, its count on the worker
+/// serving it and in the open-connections gauge, all given back when the connection ends,
+/// however it ends.
 struct Slot {
     open: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Slot {
+    fn new(
+        open: Arc<AtomicUsize>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+        permit: OwnedSemaphorePermit,
+    ) -> Slot {
+        open.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        Slot {
+            open,
+            gauge,
+            _permit: permit,
+        }
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
     }
 }
 
@@ -88,6 +107,7 @@ pub async fn serve(
         workers.push(start_worker(i, front.clone(), tuning.clone())?);
     }
     let limit = Arc::new(Semaphore::new(tuning.max_connections.max(1)));
+    let connections = front.metrics().connections.clone();
 
     loop {
         let permit = tokio::select! {
@@ -118,11 +138,7 @@ pub async fn serve(
             .iter()
             .min_by_key(|w| w.open.load(Ordering::Relaxed))
             .expect("at least one worker");
-        w.open.fetch_add(1, Ordering::Relaxed);
-        let slot = Slot {
-            open: w.open.clone(),
-            _permit: permit,
-        };
+        let slot = Slot::new(w.open.clone(), connections.clone(), permit);
         if w.tx.send(Accepted { stream, peer, slot }).is_err() {
             tracing::error!("an I/O worker has stopped; closing the connection");
         }
@@ -154,7 +170,6 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
             rt.block_on(async move {
                 let builder = http_builder(&tuning);
                 let graceful = GracefulShutdown::new();
-                let connections = front.metrics().connections.clone();
                 while let Some(a) = rx.recv().await {
                     let Accepted { stream, peer, slot } = a;
                     let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -167,9 +182,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                     let watcher = graceful.watcher();
                     let builder = builder.clone();
                     let front = front.clone();
-                    let connections = connections.clone();
                     tokio::spawn(async move {
-                        connections.inc();
                         let (stream, conflict) = SniffIo::new(stream);
                         let svc = hyper::service::service_fn(
                             move |mut req: hyper::Request<Incoming>| {
@@ -189,7 +202,6 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                         if let Err(e) = watcher.watch(conn.into_owned()).await {
                             tracing::debug!(peer = %peer, "connection: {e}");
                         }
-                        connections.dec();
                         drop(slot);
                     });
                 }

@@ -257,12 +257,15 @@ impl Upstream {
                 tracing::debug!("upstream connection closed before the request was sent ({e})");
                 *req
             }
-            Err(Failed::Error(UpstreamError::Other(e))) if copy.is_some() => {
-                tracing::debug!(
-                    "upstream request failed on a reused connection ({e}); retrying once"
-                );
-                copy.expect("checked")
-            }
+            Err(Failed::Error(UpstreamError::Other(e))) => match copy {
+                Some(copy) => {
+                    tracing::debug!(
+                        "upstream request failed on a reused connection ({e}); retrying once"
+                    );
+                    copy
+                }
+                None => return Err(UpstreamError::Other(e)),
+            },
             Err(Failed::Error(e)) => return Err(e),
         };
         let conn = Box::pin(self.connect(base)).await?;
@@ -283,23 +286,18 @@ impl Upstream {
         base: &UpstreamBase,
     ) -> Result<Response<PooledBody>, Failed> {
         let limit = self.tuning.header_read_timeout;
-        let sent = if req.body().is_end_stream() {
-            None
+        // A bodiless request is timed from now; one with a body from its last byte.
+        let (req, rx) = if req.body().is_end_stream() {
+            (req, None)
         } else {
             let (tx, rx) = oneshot::channel::<()>();
-            Some((tx, rx))
-        };
-        let (req, rx) = match sent {
-            None => (req, None),
-            Some((tx, rx)) => (
-                req.map(|b| {
-                    Body::new(NotifyEnd {
-                        inner: b,
-                        tx: Some(tx),
-                    })
-                }),
-                Some(rx),
-            ),
+            let req = req.map(|inner| {
+                Body::new(NotifyEnd {
+                    inner,
+                    tx: Some(tx),
+                })
+            });
+            (req, Some(rx))
         };
         let fut = conn.try_send_request(req);
         let deadline = async move {
@@ -395,15 +393,16 @@ fn bodiless_copy(req: &Request<Body>) -> Request<Body> {
 pub struct PooledBody {
     inner: hyper::body::Incoming,
     checkin: Option<pool::Checkin>,
+    /// The body has yielded its end (a body known empty up front says so through `inner`).
     ended: bool,
 }
 
 impl PooledBody {
     fn new(inner: hyper::body::Incoming, checkin: Option<pool::Checkin>) -> PooledBody {
         PooledBody {
-            ended: inner.is_end_stream(),
             inner,
             checkin,
+            ended: false,
         }
     }
 }
