@@ -38,14 +38,10 @@ fn is_forwarding(name: &HeaderName) -> bool {
     )
 }
 
-/// Removes every header `pred` selects. Most requests carry none: one pass over the names,
-/// and the map is only touched when one matched.
+/// Removes every header `pred` selects. Most requests carry none: one scan of the names, no
+/// allocation, and the map is only touched when one matched.
 fn remove_matching(h: &mut HeaderMap, pred: impl Fn(&HeaderName) -> bool) {
-    if !h.keys().any(&pred) {
-        return;
-    }
-    let names: Vec<HeaderName> = h.keys().filter(|n| pred(n)).cloned().collect();
-    for n in names {
+    while let Some(n) = h.keys().find(|n| pred(n)).cloned() {
         h.remove(n);
     }
 }
@@ -135,14 +131,26 @@ fn forwarded_for(h: &HeaderMap) -> Vec<IpAddr> {
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|s| HeaderName::from_bytes(s.trim().as_bytes()).ok())
-        .filter(|n| !is_hop_by_hop(n))
-        .collect();
+    // Usually `Connection` names only `keep-alive`, `close` or `upgrade`, which are removed
+    // below anyway: a header name is only parsed for other tokens.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',').map(str::trim) {
+            if t.is_empty()
+                || ["keep-alive", "close", "upgrade"]
+                    .iter()
+                    .any(|k| t.eq_ignore_ascii_case(k))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::from_bytes(t.as_bytes())
+                && !is_hop_by_hop(&n)
+            {
+                named.push(n);
+            }
+        }
+    }
     for n in named {
         h.remove(n);
     }
@@ -169,31 +177,30 @@ pub struct ForwardInfo<'a> {
     /// The immediate peer of this hop.
     pub peer: IpAddr,
     /// The `Host` the client used.
-    pub host: Option<&'a str>,
+    pub host: Option<&'a HeaderValue>,
     /// `http` (this port does not terminate TLS) unless a trusted hop said otherwise.
     pub proto: &'a str,
 }
 
 /// Appends this hop to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Host`/`-Proto`
-/// when no trusted hop set them already.
+/// when no trusted hop set them already. This runs on every proxied request: each header is
+/// looked up once (an entry), and the values are written without the formatter.
 pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
     let peer = canonical(info.peer);
-    // One buffer for both appended values (this runs on every proxied request).
-    let mut buf = String::with_capacity(96);
-    append_element(h, X_FORWARDED_FOR, &mut buf, |b| push_ip(b, peer));
-    if !h.contains_key(X_FORWARDED_HOST)
-        && let Some(host) = info.host
-        && let Ok(v) = HeaderValue::from_str(host)
+    append_element(h, X_FORWARDED_FOR, |b| push_ip(b, peer));
+    if let Some(host) = info.host
+        && let header::Entry::Vacant(e) = h.entry(X_FORWARDED_HOST)
     {
-        h.insert(X_FORWARDED_HOST, v);
+        e.insert(host.clone());
     }
-    if !h.contains_key(X_FORWARDED_PROTO) {
-        h.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_str(info.proto).unwrap_or(HeaderValue::from_static("http")),
-        );
+    if let header::Entry::Vacant(e) = h.entry(X_FORWARDED_PROTO) {
+        e.insert(match info.proto {
+            "http" => HeaderValue::from_static("http"),
+            "https" => HeaderValue::from_static("https"),
+            other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http")),
+        });
     }
-    append_element(h, header::FORWARDED, &mut buf, |b| {
+    append_element(h, header::FORWARDED, |b| {
         // RFC 7239: an IPv6 node is quoted and bracketed
         let (open, close) = if peer.is_ipv6() {
             ("for=\"[", "]\"")
@@ -205,7 +212,7 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
         b.push_str(close);
         b.push_str(";proto=");
         b.push_str(info.proto);
-        if let Some(host) = info.host
+        if let Some(host) = info.host.and_then(|v| v.to_str().ok())
             && host
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c))
@@ -243,23 +250,28 @@ fn push_ip(b: &mut String, ip: IpAddr) {
 }
 
 /// Sets `name` to its previous (comma-joined) values followed by what `elem` writes.
-fn append_element(
-    h: &mut HeaderMap,
-    name: HeaderName,
-    buf: &mut String,
-    elem: impl FnOnce(&mut String),
-) {
-    buf.clear();
-    for prev in h.get_all(&name).iter().filter_map(|v| v.to_str().ok()) {
-        let prev = prev.trim();
-        if !prev.is_empty() {
-            buf.push_str(prev);
-            buf.push_str(", ");
+fn append_element(h: &mut HeaderMap, name: HeaderName, elem: impl FnOnce(&mut String)) {
+    let mut buf = String::with_capacity(64);
+    match h.entry(name) {
+        header::Entry::Vacant(e) => {
+            elem(&mut buf);
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
+                e.insert(v);
+            }
         }
-    }
-    elem(buf);
-    if let Ok(v) = HeaderValue::from_str(buf) {
-        h.insert(name, v);
+        header::Entry::Occupied(mut e) => {
+            for prev in e.iter().filter_map(|v| v.to_str().ok()) {
+                let prev = prev.trim();
+                if !prev.is_empty() {
+                    buf.push_str(prev);
+                    buf.push_str(", ");
+                }
+            }
+            elem(&mut buf);
+            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
+                e.insert(v);
+            }
+        }
     }
 }
 
@@ -446,7 +458,7 @@ mod tests {
             &mut h,
             &ForwardInfo {
                 peer: "127.0.0.1".parse().unwrap(),
-                host: Some("git.example:8080"),
+                host: Some(&HeaderValue::from_static("git.example:8080")),
                 proto: "http",
             },
         );

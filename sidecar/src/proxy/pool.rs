@@ -33,8 +33,11 @@ thread_local! {
     static LISTS: RefCell<Vec<List>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Origins come from [`crate::proxy::upstream::UpstreamBase`], normalised by the URL parser:
+/// compared byte for byte (`Uri`'s own equality folds case, byte by byte).
 fn same_origin(a: &Uri, b: &Uri) -> bool {
-    a.scheme() == b.scheme() && a.authority() == b.authority()
+    a.scheme_str() == b.scheme_str()
+        && a.authority().map(|x| x.as_str()) == b.authority().map(|x| x.as_str())
 }
 
 fn with_list<R>(upstream: u64, origin: &Uri, f: impl FnOnce(&mut Vec<Idle>) -> R) -> R {

@@ -75,6 +75,12 @@ impl<T> SniffIo<T> {
                         if data.is_empty() {
                             return;
                         }
+                        // A head usually arrives in one read: analysed where it lies.
+                        if let Some(end) = head_end(data, 0) {
+                            self.state = self.analyze(&data[..end]);
+                            data = &data[end..];
+                            continue;
+                        }
                     }
                     let before = buf.len();
                     buf.extend_from_slice(data);
@@ -149,31 +155,38 @@ impl<T> SniffIo<T> {
         }
     }
 
+    /// The framing a head announces (bytes, not text: no allocation per head).
     fn analyze(&self, head: &[u8]) -> State {
-        let text = String::from_utf8_lossy(head);
-        let mut lines = text.split('\n').map(|l| l.trim_end_matches('\r'));
-        let request_line = lines.next().unwrap_or("");
-        if request_line.starts_with("PRI ") || request_line.starts_with("CONNECT ") {
+        let mut lines = head
+            .split(|&b| b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let request_line = lines.next().unwrap_or(b"");
+        if request_line.starts_with(b"PRI ") || request_line.starts_with(b"CONNECT ") {
             return State::Off;
         }
         let (mut te, mut cl, mut chunked, mut upgrade) = (false, None::<Option<u64>>, false, false);
         for l in lines {
-            let Some((name, value)) = l.split_once(':') else {
+            let Some(colon) = memchr::memchr(b':', l) else {
                 continue;
             };
-            let name = name.trim().to_ascii_lowercase();
-            let value = value.trim();
-            match name.as_str() {
-                "transfer-encoding" => {
-                    te = true;
-                    chunked = value
-                        .rsplit(',')
-                        .next()
-                        .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
-                }
-                "content-length" => cl = Some(value.parse::<u64>().ok()),
-                "connection" if value.to_ascii_lowercase().contains("upgrade") => upgrade = true,
-                _ => {}
+            let name = l[..colon].trim_ascii();
+            let value = l[colon + 1..].trim_ascii();
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = true;
+                chunked = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                cl = Some(
+                    std::str::from_utf8(value)
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok()),
+                );
+            } else if name.eq_ignore_ascii_case(b"connection")
+                && value.windows(7).any(|w| w.eq_ignore_ascii_case(b"upgrade"))
+            {
+                upgrade = true;
             }
         }
         if te && cl.is_some() {
@@ -195,20 +208,14 @@ impl<T> SniffIo<T> {
 
 /// The end (exclusive) of a head ending in an empty line, searching from near `from`.
 fn head_end(buf: &[u8], from: usize) -> Option<usize> {
-    let start = from.saturating_sub(3);
-    let mut i = start;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            if buf.get(i + 1) == Some(&b'\n') {
-                return Some(i + 2);
-            }
-            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
-                return Some(i + 3);
-            }
-        }
-        i += 1;
-    }
-    None
+    let start = from.saturating_sub(2);
+    memchr::memchr_iter(b'\n', &buf[start..])
+        .map(|i| start + i)
+        .find_map(|i| match buf.get(i + 1..) {
+            Some([b'\n', ..]) => Some(i + 2),
+            Some([b'\r', b'\n', ..]) => Some(i + 3),
+            _ => None,
+        })
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for SniffIo<T> {
@@ -287,6 +294,22 @@ GET /c HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n";
             let without_last = &stream[..stream.len() - 60];
             let chunks: Vec<&[u8]> = without_last.chunks(split).collect();
             assert!(!run(&chunks), "split {split}");
+        }
+    }
+
+    #[test]
+    fn bare_lf_heads_are_followed_across_any_split() {
+        // a first head with a body, then one with both headers; lines end in LF only
+        let stream: &[u8] = b"PUT /a HTTP/1.1\nContent-Length: 3\n\nabc\
+POST /b HTTP/1.1\ntransfer-encoding: chunked\nCONTENT-LENGTH: 2\n\n";
+        for at in 1..stream.len() {
+            let (a, b) = stream.split_at(at);
+            assert!(run(&[a, b]), "split at {at}");
+        }
+        let clean = &stream[..stream.len() - 20];
+        for at in 1..clean.len() {
+            let (a, b) = clean.split_at(at);
+            assert!(!run(&[a, b]), "split at {at}");
         }
     }
 }
