@@ -9,12 +9,18 @@
 #   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
 #   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
 #   ROLE=secondary bash bench/proxy.sh      # the sidecar as a Geo secondary proxying to the upstream
+#   FLOOR=1 bash bench/proxy.sh             # also the bare hyper 1 proxy (the stack's floor, below)
 #
 # The upstream is an nginx server answering a small fixed body (and serving a 1 GiB sparse
 # file for the streaming run); the reverse-proxy nginx is configured at its best (an
 # `upstream` block with keepalive, HTTP/1.1 to the upstream, access log off). The sidecar runs
 # the release build as a `role: disabled` site whose forge is the same upstream (ROLE=secondary:
 # a secondary whose primary is that upstream).
+#
+# FLOOR=1 adds a third proxy to the same alternating runs: `sidecar/examples/bare_hyper_proxy.rs`,
+# hyper 1 and tokio with the sidecar's thread layout and allocator and nothing else (no header
+# hygiene, routing, metrics, logs, timeouts or retries). It is what any proxy built on this
+# stack can at best do here; bench/proxy-instructions.sh counts the same split in instructions.
 #
 # The upstream runs in its own nginx instance (its own worker processes), as an upstream does
 # in any deployment, so both proxies add the same processes to the machine.
@@ -49,10 +55,12 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "building geo-sidecar (release)" >&2
 [ -n "${NO_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p geo-sidecar)
+[ -z "${FLOOR:-}" ] || [ -n "${NO_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p geo-sidecar --example bare_hyper_proxy)
 SIDECAR="${CARGO_TARGET_DIR:-$ROOT/target}/release/geo-sidecar"
+BARE="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_hyper_proxy"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port)
+UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); BP=$(free_port)
 
 # --- upstream + reverse proxy: one nginx, two server blocks -------------------------------
 mkdir -p "$WORK/www/upload" "$WORK/tmp" "$WORK/up/tmp"
@@ -151,6 +159,11 @@ for _ in $(seq 1 200); do
   sleep 0.05
 done
 curl -fs "http://127.0.0.1:$SC/hello" >/dev/null
+if [ -n "${FLOOR:-}" ]; then
+  "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" "$( [ "${IO_THREADS:-0}" -gt 0 ] && echo "$IO_THREADS" || nproc )" &
+  PIDS+=("$!")
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$BP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
+fi
 if [ -n "${HOLD:-}" ]; then # for profiling: leave both proxies up until interrupted
   echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID); Ctrl-C ends" >&2
   wait "$SC_PID"
@@ -173,11 +186,16 @@ to_ms() { # wrk latency (e.g. 1.23ms, 850.00us, 1.02s) → ms
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; upstream: ${UPSTREAM:-separate} nginx; sidecar role ${ROLE:-disabled}, ioThreads: ${IO_THREADS:-0} (0: one per CPU)"
 # Alternate nginx and sidecar runs and take the median of each (a shared machine is noisy).
-N_R=(); N_P=(); S_R=(); S_P=()
+N_R=(); N_P=(); S_R=(); S_P=(); B_R=(); B_P=()
 for i in $(seq 1 "$RUNS"); do
   read -r r p <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"; N_R+=("$r"); N_P+=("$p")
   read -r r p <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"; S_R+=("$r"); S_P+=("$p")
-  printf "  run %d: nginx %s req/s p99 %s ms | sidecar %s req/s p99 %s ms\n" "$i" "${N_R[-1]}" "${N_P[-1]}" "${S_R[-1]}" "${S_P[-1]}"
+  line=$(printf "  run %d: nginx %s req/s p99 %s ms | sidecar %s req/s p99 %s ms" "$i" "${N_R[-1]}" "${N_P[-1]}" "${S_R[-1]}" "${S_P[-1]}")
+  if [ -n "${FLOOR:-}" ]; then
+    read -r r p <<<"$(run_wrk "http://127.0.0.1:$BP/hello")"; B_R+=("$r"); B_P+=("$p")
+    line+=$(printf " | bare hyper %s req/s p99 %s ms" "${B_R[-1]}" "${B_P[-1]}")
+  fi
+  echo "$line"
 done
 median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 N_RPS=$(median "${N_R[@]}"); N_P99=$(median "${N_P[@]}")
@@ -188,6 +206,12 @@ printf "%-10s %12s %10s\n" nginx "$N_RPS" "$N_P99"
 printf "%-10s %12s %10s\n" sidecar "$S_RPS" "$S_P99"
 awk -v s="$S_RPS" -v n="$N_RPS" -v sp="$S_P99" -v np="$N_P99" \
   'BEGIN { printf "ratio sidecar/nginx: requests/s %.2fx, p99 %.2fx\n", s/n, sp/np }'
+if [ -n "${FLOOR:-}" ]; then
+  B_RPS=$(median "${B_R[@]}"); B_P99=$(median "${B_P[@]}")
+  printf "%-10s %12s %10s\n" "bare hyper" "$B_RPS" "$B_P99"
+  awk -v b="$B_RPS" -v n="$N_RPS" -v s="$S_RPS" -v bp="$B_P99" -v np="$N_P99" \
+    'BEGIN { printf "ratio bare hyper/nginx: requests/s %.2fx, p99 %.2fx; sidecar/bare hyper: requests/s %.2fx\n", b/n, bp/np, s/b }'
+fi
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- RSS while streaming 1 GiB --------------------------------------------------------------
