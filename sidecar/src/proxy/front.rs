@@ -180,10 +180,12 @@ impl Front {
             return ("local", resp);
         }
         let ingress = self.ingress(&mut req, peer.ip());
-        let span = tracing::Span::current();
-        span.record("client", tracing::field::display(ingress.client));
-        if let Some(site) = &ingress.via_site {
-            span.record("via", tracing::field::display(site));
+        if tracing::level_enabled!(tracing::Level::INFO) {
+            let span = tracing::Span::current();
+            span.record("client", tracing::field::display(ingress.client));
+            if let Some(site) = &ingress.via_site {
+                span.record("via", tracing::field::display(site));
+            }
         }
         req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // 2. pick target

@@ -184,10 +184,11 @@ pub struct ForwardInfo<'a> {
 
 /// Appends this hop to `X-Forwarded-For` and `Forwarded` and sets `X-Forwarded-Host`/`-Proto`
 /// when no trusted hop set them already. This runs on every proxied request: each header is
-/// looked up once (an entry), and the values are written without the formatter.
+/// looked up once (an entry), and this hop's values are reused from the previous request on
+/// the thread when they are the same (see [`hop_values`]).
 pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    let peer = canonical(info.peer);
-    append_element(h, X_FORWARDED_FOR, |b| push_ip(b, peer));
+    let hop = hop_values(canonical(info.peer), info.host, info.proto);
+    append_element(h, X_FORWARDED_FOR, &hop.xff);
     if let Some(host) = info.host
         && let header::Entry::Vacant(e) = h.entry(X_FORWARDED_HOST)
     {
@@ -200,28 +201,70 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http")),
         });
     }
-    append_element(h, header::FORWARDED, |b| {
+    append_element(h, header::FORWARDED, &hop.forwarded);
+}
+
+/// This hop's `X-Forwarded-For` and `Forwarded` elements.
+#[derive(Clone)]
+struct HopValues {
+    peer: IpAddr,
+    host: Option<HeaderValue>,
+    proto: String,
+    xff: HeaderValue,
+    forwarded: HeaderValue,
+}
+
+thread_local! {
+    /// The last hop values built on this thread. Consecutive requests mostly share them (the
+    /// peer is the client's connection or the ingress in front of the site, and the `Host`
+    /// is the site's): reused, they cost a comparison instead of two strings to write and
+    /// check.
+    static LAST_HOP: std::cell::RefCell<Option<HopValues>> = const { std::cell::RefCell::new(None) };
+}
+
+fn hop_values(peer: IpAddr, host: Option<&HeaderValue>, proto: &str) -> HopValues {
+    LAST_HOP.with_borrow_mut(|last| {
+        if let Some(v) = last.as_ref()
+            && v.peer == peer
+            && v.proto == proto
+            && v.host.as_ref().map(HeaderValue::as_bytes) == host.map(HeaderValue::as_bytes)
+        {
+            return v.clone();
+        }
+        let mut xff = String::with_capacity(40);
+        push_ip(&mut xff, peer);
         // RFC 7239: an IPv6 node is quoted and bracketed
+        let mut fwd = String::with_capacity(96);
         let (open, close) = if peer.is_ipv6() {
             ("for=\"[", "]\"")
         } else {
             ("for=", "")
         };
-        b.push_str(open);
-        push_ip(b, peer);
-        b.push_str(close);
-        b.push_str(";proto=");
-        b.push_str(info.proto);
-        if let Some(host) = info.host.and_then(|v| v.to_str().ok())
+        fwd.push_str(open);
+        fwd.push_str(&xff);
+        fwd.push_str(close);
+        fwd.push_str(";proto=");
+        fwd.push_str(proto);
+        if let Some(host) = host.and_then(|v| v.to_str().ok())
             && host
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || b".-:[]".contains(&c))
         {
-            b.push_str(";host=\"");
-            b.push_str(host);
-            b.push('"');
+            fwd.push_str(";host=\"");
+            fwd.push_str(host);
+            fwd.push('"');
         }
-    });
+        let v = HopValues {
+            peer,
+            host: host.cloned(),
+            proto: proto.to_string(),
+            xff: HeaderValue::from_str(&xff).unwrap_or(HeaderValue::from_static("unknown")),
+            forwarded: HeaderValue::from_str(&fwd)
+                .unwrap_or(HeaderValue::from_static("for=unknown")),
+        };
+        *last = Some(v.clone());
+        v
+    })
 }
 
 /// Writes an address as `Display` does; IPv4 by hand, as the formatter is a measurable share
@@ -249,25 +292,22 @@ fn push_ip(b: &mut String, ip: IpAddr) {
     }
 }
 
-/// Sets `name` to its previous (comma-joined) values followed by what `elem` writes.
-fn append_element(h: &mut HeaderMap, name: HeaderName, elem: impl FnOnce(&mut String)) {
-    let mut buf = String::with_capacity(64);
+/// Sets `name` to its previous (comma-joined) values followed by `elem`.
+fn append_element(h: &mut HeaderMap, name: HeaderName, elem: &HeaderValue) {
     match h.entry(name) {
         header::Entry::Vacant(e) => {
-            elem(&mut buf);
-            if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
-                e.insert(v);
-            }
+            e.insert(elem.clone());
         }
         header::Entry::Occupied(mut e) => {
-            for prev in e.iter().filter_map(|v| v.to_str().ok()) {
-                let prev = prev.trim();
+            let mut buf = Vec::with_capacity(128);
+            for prev in e.iter() {
+                let prev = prev.as_bytes().trim_ascii();
                 if !prev.is_empty() {
-                    buf.push_str(prev);
-                    buf.push_str(", ");
+                    buf.extend_from_slice(prev);
+                    buf.extend_from_slice(b", ");
                 }
             }
-            elem(&mut buf);
+            buf.extend_from_slice(elem.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(buf)) {
                 e.insert(v);
             }
@@ -448,6 +488,37 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "2001:db8::7");
         assert_eq!(h[header::FORWARDED], "for=\"[2001:db8::7]\";proto=https");
+    }
+
+    #[test]
+    fn reused_hop_values_follow_the_peer_host_and_proto() {
+        let cases = [
+            ("10.0.0.1", Some("a.example"), "http"),
+            ("10.0.0.1", Some("a.example"), "http"),
+            ("10.0.0.2", Some("a.example"), "http"),
+            ("10.0.0.2", Some("b.example"), "http"),
+            ("10.0.0.2", None, "http"),
+            ("10.0.0.2", None, "https"),
+            ("10.0.0.1", Some("a.example"), "http"),
+        ];
+        for (peer, host, proto) in cases {
+            let host = host.map(HeaderValue::from_static);
+            let mut h = HeaderMap::new();
+            add_forwarding(
+                &mut h,
+                &ForwardInfo {
+                    peer: peer.parse().unwrap(),
+                    host: host.as_ref(),
+                    proto,
+                },
+            );
+            assert_eq!(h["x-forwarded-for"], peer);
+            let mut want = format!("for={peer};proto={proto}");
+            if let Some(host) = &host {
+                want.push_str(&format!(";host=\"{}\"", host.to_str().unwrap()));
+            }
+            assert_eq!(h[header::FORWARDED], want.as_str());
+        }
     }
 
     #[test]
