@@ -7,8 +7,10 @@
 //! - [`headers`]: hop-by-hop, forwarding, Geo header and rewrite rules;
 //! - [`upstream`]: the client, streaming, retries, Upgrade tunnelling;
 //! - [`pool`]: idle upstream connections, per thread;
+//! - [`coarse_timer`]: the I/O threads' cheap timeouts;
 //! - [`discovery`]: the primary URL of a secondary.
 
+pub mod coarse_timer;
 pub mod discovery;
 pub mod front;
 pub mod headers;

@@ -7,7 +7,7 @@
 //! - `proxy.headerReadTimeout` for a client to send its request head; hyper also times the
 //!   wait for the *next* head on a keep-alive HTTP/1.1 connection with it, so idle HTTP/1.1
 //!   clients are closed after that long (HTTP/2 connections are kept in check with keep-alive
-//!   pings);
+//!   pings). It runs on each I/O thread's coarse timer ([`coarse_timer`], ± 100 ms);
 //! - conflicting `Content-Length`/`Transfer-Encoding` → 400 (see [`crate::proxy::sniff`]);
 //! - on shutdown: stop accepting, let in-flight requests finish up to `proxy.shutdownGrace`,
 //!   then return (the process exits 0).
@@ -22,6 +22,7 @@
 //! kernel hash connections to `SO_REUSEPORT` listeners, which left one thread with more
 //! connections and tripled the p99.
 
+use crate::proxy::coarse_timer;
 use crate::proxy::front::Front;
 use crate::proxy::sniff::SniffIo;
 use axum::body::Body;
@@ -168,6 +169,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
         .name(format!("geo-io-{i}"))
         .spawn(move || {
             rt.block_on(async move {
+                tokio::spawn(coarse_timer::run_ticker());
                 let builder = http_builder(&tuning);
                 let graceful = GracefulShutdown::new();
                 while let Some(a) = rx.recv().await {
@@ -226,7 +228,7 @@ fn http_builder(tuning: &ProxyTuning) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(coarse_timer::CoarseTimer)
         .header_read_timeout(tuning.header_read_timeout)
         .max_buf_size(tuning.max_header_bytes.max(8192))
         .keep_alive(true);

@@ -2,6 +2,7 @@
 //! directions, timeouts, one retry of an idempotent request on a stale pooled connection, and
 //! HTTP Upgrade (WebSocket) tunnelling.
 
+use crate::proxy::coarse_timer;
 use crate::proxy::headers;
 use crate::proxy::pool;
 use axum::body::Body;
@@ -278,7 +279,8 @@ impl Upstream {
     }
 
     /// Sends once; the response head must arrive within `header_read_timeout` of the request
-    /// body having been sent (uploads are paced by the client, not timed here).
+    /// body having been sent (uploads are paced by the client, not timed here), give or take
+    /// the I/O thread's coarse timer tick.
     async fn send_on(
         &self,
         mut conn: SendRequest<Body>,
@@ -304,7 +306,7 @@ impl Upstream {
             if let Some(rx) = rx {
                 let _ = rx.await;
             }
-            tokio::time::sleep(limit).await;
+            coarse_timer::Deadline::after(limit).await;
         };
         let resp = tokio::select! {
             r = fut => r,
