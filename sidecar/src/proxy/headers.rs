@@ -159,17 +159,14 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
 
 /// The `Upgrade` protocol of a request that asks to switch protocols (e.g. `websocket`).
 pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
-    let conn_upgrade = h
-        .get_all(header::CONNECTION)
+    // most requests have no `Upgrade`: one lookup, and `Connection` is not parsed
+    let proto = h.get(header::UPGRADE)?;
+    h.get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    if conn_upgrade {
-        h.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        .then(|| proto.clone())
 }
 
 /// What the forwarding headers say about the original request.
@@ -441,6 +438,27 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn an_upgrade_needs_both_headers() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let ws = h(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(upgrade_protocol(&ws).unwrap(), "websocket");
+        assert!(upgrade_protocol(&h(&[("upgrade", "websocket")])).is_none());
+        assert!(upgrade_protocol(&h(&[("connection", "upgrade")])).is_none());
+        assert!(
+            upgrade_protocol(&h(&[("connection", "keep-alive"), ("upgrade", "h2c")])).is_none()
+        );
     }
 
     #[test]
