@@ -155,17 +155,26 @@ impl<T> SniffIo<T> {
         }
     }
 
-    /// The framing a head announces (bytes, not text: no allocation per head).
+    /// The framing a head announces (bytes, not text: no allocation per head). Lines are found
+    /// with `memchr`, and only those starting with `c` or `t` (`Content-Length`,
+    /// `Connection`, `Transfer-Encoding`) are looked at further.
     fn analyze(&self, head: &[u8]) -> State {
-        let mut lines = head
-            .split(|&b| b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+        let mut lines = memchr::memchr_iter(b'\n', head)
+            .chain(std::iter::once(head.len()))
+            .scan(0, |start, end| {
+                let line = &head[*start..end];
+                *start = end + 1;
+                Some(line.strip_suffix(b"\r").unwrap_or(line))
+            });
         let request_line = lines.next().unwrap_or(b"");
         if request_line.starts_with(b"PRI ") || request_line.starts_with(b"CONNECT ") {
             return State::Off;
         }
         let (mut te, mut cl, mut chunked, mut upgrade) = (false, None::<Option<u64>>, false, false);
         for l in lines {
+            if !matches!(l.first(), Some(b'c' | b'C' | b't' | b'T')) {
+                continue;
+            }
             let Some(colon) = memchr::memchr(b':', l) else {
                 continue;
             };
