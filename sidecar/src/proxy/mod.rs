@@ -8,10 +8,12 @@
 //! - [`upstream`]: the client, streaming, retries, Upgrade tunnelling;
 //! - [`pool`]: idle upstream connections, per thread;
 //! - [`coarse_timer`]: the I/O threads' cheap timeouts;
+//! - [`drain`]: graceful drain of an I/O thread's connections;
 //! - [`discovery`]: the primary URL of a secondary.
 
 pub mod coarse_timer;
 pub mod discovery;
+pub mod drain;
 pub mod front;
 pub mod headers;
 pub mod metrics;

@@ -23,6 +23,7 @@
 //! connections and tripled the p99.
 
 use crate::proxy::coarse_timer;
+use crate::proxy::drain::Drain;
 use crate::proxy::front::Front;
 use crate::proxy::sniff::SniffIo;
 use axum::body::Body;
@@ -30,7 +31,6 @@ use geoforge_crds::config::ProxyTuning;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -171,7 +171,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
             rt.block_on(async move {
                 tokio::spawn(coarse_timer::run_ticker());
                 let builder = http_builder(&tuning);
-                let graceful = GracefulShutdown::new();
+                let drain = Drain::new();
                 while let Some(a) = rx.recv().await {
                     let Accepted { stream, peer, slot } = a;
                     let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -181,7 +181,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                             continue;
                         }
                     };
-                    let watcher = graceful.watcher();
+                    let drain = drain.clone();
                     let builder = builder.clone();
                     let front = front.clone();
                     tokio::spawn(async move {
@@ -201,7 +201,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                         );
                         let conn =
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        if let Err(e) = drain.watch(conn.into_owned()).await {
                             tracing::debug!(peer = %peer, "connection: {e}");
                         }
                         drop(slot);
@@ -209,11 +209,11 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                 }
                 tracing::debug!(
                     worker = i,
-                    in_flight = graceful.count(),
+                    in_flight = drain.open(),
                     "draining"
                 );
                 tokio::select! {
-                    _ = graceful.shutdown() => {},
+                    _ = drain.drained() => {},
                     _ = tokio::time::sleep(tuning.shutdown_grace) => {
                         tracing::warn!("shutdown grace elapsed with requests in flight; closing them");
                     }
