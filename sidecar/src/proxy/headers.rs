@@ -200,8 +200,8 @@ pub struct ForwardInfo<'a> {
 /// looked up once (an entry), and this hop's values are reused from the previous request on
 /// the thread when they are the same (see [`hop_values`]).
 pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
-    let hop = hop_values(canonical(info.peer), info.host, info.proto);
-    append_element(h, X_FORWARDED_FOR, &hop.xff);
+    let (xff, forwarded) = hop_values(canonical(info.peer), info.host, info.proto);
+    append_element(h, X_FORWARDED_FOR, &xff);
     if let Some(host) = info.host
         && let header::Entry::Vacant(e) = h.entry(X_FORWARDED_HOST)
     {
@@ -214,11 +214,10 @@ pub fn add_forwarding(h: &mut HeaderMap, info: &ForwardInfo<'_>) {
             other => HeaderValue::from_str(other).unwrap_or(HeaderValue::from_static("http")),
         });
     }
-    append_element(h, header::FORWARDED, &hop.forwarded);
+    append_element(h, header::FORWARDED, &forwarded);
 }
 
-/// This hop's `X-Forwarded-For` and `Forwarded` elements.
-#[derive(Clone)]
+/// This hop's `X-Forwarded-For` and `Forwarded` elements, and what they were built from.
 struct HopValues {
     peer: IpAddr,
     host: Option<HeaderValue>,
@@ -235,14 +234,16 @@ thread_local! {
     static LAST_HOP: std::cell::RefCell<Option<HopValues>> = const { std::cell::RefCell::new(None) };
 }
 
-fn hop_values(peer: IpAddr, host: Option<&HeaderValue>, proto: &str) -> HopValues {
+/// This hop's `X-Forwarded-For` and `Forwarded` elements (only the two values are cloned on a
+/// reuse: each a reference count).
+fn hop_values(peer: IpAddr, host: Option<&HeaderValue>, proto: &str) -> (HeaderValue, HeaderValue) {
     LAST_HOP.with_borrow_mut(|last| {
         if let Some(v) = last.as_ref()
             && v.peer == peer
             && v.proto == proto
             && v.host.as_ref().map(HeaderValue::as_bytes) == host.map(HeaderValue::as_bytes)
         {
-            return v.clone();
+            return (v.xff.clone(), v.forwarded.clone());
         }
         let mut xff = String::with_capacity(40);
         push_ip(&mut xff, peer);
@@ -275,8 +276,9 @@ fn hop_values(peer: IpAddr, host: Option<&HeaderValue>, proto: &str) -> HopValue
             forwarded: HeaderValue::from_str(&fwd)
                 .unwrap_or(HeaderValue::from_static("for=unknown")),
         };
-        *last = Some(v.clone());
-        v
+        let values = (v.xff.clone(), v.forwarded.clone());
+        *last = Some(v);
+        values
     })
 }
 
