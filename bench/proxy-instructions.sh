@@ -40,7 +40,7 @@ HOLD_PID=$!
 set +m
 for _ in $(seq 1 200); do grep -q '^HOLD' "$HOLD_LOG" && break; sleep 0.1; done
 grep -q '^HOLD' "$HOLD_LOG" || { cat "$HOLD_LOG" >&2; echo "bench/proxy.sh did not come up" >&2; exit 1; }
-WORK=$(ls -td /tmp/geoforge-bench.* | head -1)
+WORK=$(grep -oP '^HOLD: .* work \K[^;[:space:]]+' "$HOLD_LOG")
 UP=$(grep -oP 'server 127.0.0.1:\K\d+' "$WORK/nginx.conf")
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -165,7 +165,7 @@ if [ -n "${FLOOR:-}" ]; then
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$BP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
 fi
 if [ -n "${HOLD:-}" ]; then # for profiling: leave both proxies up until interrupted
-  echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID); Ctrl-C ends" >&2
+  echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID) work $WORK; Ctrl-C ends" >&2
   wait "$SC_PID"
 fi
 
