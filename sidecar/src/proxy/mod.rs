@@ -15,6 +15,7 @@ pub mod coarse_timer;
 pub mod discovery;
 pub mod drain;
 pub mod front;
+pub mod h1;
 pub mod headers;
 pub mod metrics;
 pub mod pool;

@@ -1,17 +1,16 @@
 //! Idle upstream connections, one list per thread, upstream and origin.
 //!
 //! A connection enters the list when the response it carried has been read to the end
-//! ([`crate::proxy::upstream::PooledBody`]) and leaves it for the next request to the same
+//! ([`crate::proxy::h1::ResponseBody`]) and leaves it for the next request to the same
 //! origin, most recently used first (the warmest socket, and the oldest ones age out).
-//! Connections idle longer than `proxy.poolIdleTimeout` are dropped — hyper then closes
-//! them — when the list is next touched on that thread, and never handed out; one that the
-//! upstream closed is noticed by its connection task and skipped. An idle connection is
+//! Connections idle longer than `proxy.poolIdleTimeout` are closed when the list is next
+//! touched on that thread, and never handed out; one that the upstream closed (or that
+//! received anything while idle) is closed when it is next taken. An idle connection is
 //! never reused after the timeout, which stays below the upstream's keep-alive so that we,
 //! not the upstream, close first.
 
-use axum::body::Body;
+use crate::proxy::h1::Conn;
 use http::Uri;
-use hyper::client::conn::http1::SendRequest;
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use std::time::{Duration, Instant};
 const MAX_IDLE: usize = 256;
 
 struct Idle {
-    conn: SendRequest<Body>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -60,58 +59,46 @@ fn with_list<R>(upstream: u64, origin: &Uri, f: impl FnOnce(&mut Vec<Idle>) -> R
     })
 }
 
-/// The most recently used open idle connection to `origin`, if any. It may still be finishing
-/// its last exchange: the caller waits for `ready()`.
-pub fn take(upstream: u64, origin: &Uri, idle_timeout: Duration) -> Option<SendRequest<Body>> {
+/// The most recently used open idle connection to `origin`, if any.
+pub fn take(upstream: u64, origin: &Uri, idle_timeout: Duration) -> Option<Conn> {
     with_list(upstream, origin, |idle| {
         let now = Instant::now();
-        while let Some(i) = idle.pop() {
-            if !i.conn.is_closed() && now.duration_since(i.since) < idle_timeout {
+        while let Some(mut i) = idle.pop() {
+            if now.duration_since(i.since) < idle_timeout && i.conn.is_idle_open() {
                 return Some(i.conn);
             }
-            // closed or expired: dropped (hyper closes it)
+            // closed, spoken to while idle, or expired: dropped, which closes it
         }
         None
     })
 }
 
-/// A connection that goes back to its list once its response has been read.
+/// Where a connection goes back once its response has been read.
 pub struct Checkin {
     upstream: u64,
     origin: Uri,
-    conn: SendRequest<Body>,
     idle_timeout: Duration,
 }
 
 impl Checkin {
-    pub fn new(
-        upstream: u64,
-        origin: Uri,
-        conn: SendRequest<Body>,
-        idle_timeout: Duration,
-    ) -> Checkin {
+    pub fn new(upstream: u64, origin: Uri, idle_timeout: Duration) -> Checkin {
         Checkin {
             upstream,
             origin,
-            conn,
             idle_timeout,
         }
     }
 
-    pub fn put(self) {
-        self.put_at(Instant::now());
+    pub fn put(self, conn: Conn) {
+        self.put_at(conn, Instant::now());
     }
 
     /// Checks in as idle since `at`, which is also "now" for dropping expired neighbours
     /// (one clock read per check-in).
-    fn put_at(self, at: Instant) {
-        if self.conn.is_closed() {
-            return;
-        }
+    fn put_at(self, conn: Conn, at: Instant) {
         let Checkin {
             upstream,
             origin,
-            conn,
             idle_timeout,
         } = self;
         with_list(upstream, &origin, |idle| {
@@ -132,12 +119,11 @@ impl Checkin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper_util::rt::TokioIo;
     use tokio::io::AsyncReadExt;
 
-    /// A loopback server that reports when the client closed its connection, and a hyper
+    /// A loopback server that reports when the client closed its connection, and a
     /// connection to it.
-    async fn connection() -> (Uri, SendRequest<Body>, tokio::sync::oneshot::Receiver<()>) {
+    async fn connection() -> (Uri, Conn, tokio::sync::oneshot::Receiver<()>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
             .parse()
@@ -152,11 +138,7 @@ mod tests {
         let io = tokio::net::TcpStream::connect(origin.authority().unwrap().as_str())
             .await
             .unwrap();
-        let (conn, driver) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .unwrap();
-        tokio::spawn(driver);
-        (origin, conn, closed)
+        (origin, Conn::new(Box::new(io)), closed)
     }
 
     const IDLE: Duration = Duration::from_secs(20);
@@ -164,7 +146,7 @@ mod tests {
     #[tokio::test]
     async fn a_checked_in_connection_is_handed_out_once() {
         let (origin, conn, _closed) = connection().await;
-        Checkin::new(1, origin.clone(), conn, IDLE).put();
+        Checkin::new(1, origin.clone(), IDLE).put(conn);
         assert!(take(1, &origin, IDLE).is_some());
         assert!(take(1, &origin, IDLE).is_none(), "taken already");
     }
@@ -175,7 +157,7 @@ mod tests {
         let long_ago = Instant::now()
             .checked_sub(IDLE * 2)
             .expect("the clock started long ago");
-        Checkin::new(7, origin.clone(), conn, IDLE).put_at(long_ago);
+        Checkin::new(7, origin.clone(), IDLE).put_at(conn, long_ago);
         assert!(take(7, &origin, IDLE).is_none());
         tokio::time::timeout(Duration::from_secs(10), closed)
             .await
@@ -186,7 +168,7 @@ mod tests {
     #[tokio::test]
     async fn connections_of_other_upstreams_or_origins_are_not_mixed() {
         let (origin, conn, _closed) = connection().await;
-        Checkin::new(3, origin.clone(), conn, IDLE).put();
+        Checkin::new(3, origin.clone(), IDLE).put(conn);
         let other: Uri = "http://127.0.0.1:1/".parse().unwrap();
         assert!(take(4, &origin, IDLE).is_none(), "another upstream's list");
         assert!(take(3, &other, IDLE).is_none(), "another origin");

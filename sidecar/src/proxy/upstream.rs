@@ -1,23 +1,18 @@
-//! The upstream side of the reverse proxy: a pooled hyper client, streaming in both
-//! directions, timeouts, one retry of an idempotent request on a stale pooled connection, and
-//! HTTP Upgrade (WebSocket) tunnelling.
+//! The upstream side of the reverse proxy: pooled HTTP/1.1 connections ([`h1`]), streaming in
+//! both directions, timeouts, one retry of an idempotent request on a stale pooled connection,
+//! and HTTP Upgrade (WebSocket) tunnelling.
 
-use crate::proxy::coarse_timer;
+use crate::proxy::h1::{self, Conn, Fate, ReqFraming};
 use crate::proxy::headers;
 use crate::proxy::pool;
 use axum::body::Body;
 use bytes::Bytes;
 use geoforge_crds::config::ProxyTuning;
-use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::client::conn::http1::SendRequest;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::oneshot;
 
 /// Why an upstream request failed (the caller turns it into a 502/503, never a 500).
 #[derive(Debug, thiserror::Error)]
@@ -116,38 +111,31 @@ impl UpstreamBase {
     pub fn url(&self) -> &url::Url {
         &self.url
     }
+}
 
-    /// The request target sent upstream (origin form: the prefix, then the request's path
-    /// and query).
-    fn origin_form(&self, req: &Uri) -> Result<Uri, UpstreamError> {
-        let Some(pq) = req.path_and_query() else {
-            return Ok(Uri::from_static("/"));
-        };
-        if self.prefix.is_empty() {
-            return Ok(Uri::from(pq.clone()));
-        }
-        format!("{}{pq}", self.prefix)
-            .parse()
-            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadUrl(e.to_string()))
-    }
+/// The request target sent upstream after the base's path prefix: the request's path and
+/// query (origin form, also for a request that arrived in absolute form).
+fn target(uri: &Uri) -> &str {
+    uri.path_and_query().map_or("/", |pq| pq.as_str())
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A pooled HTTP/1.1 client to upstreams (the primary, or the forge).
 ///
-/// Connections are hyper's `client::conn::http1` driven by one task each; the pool is ours
+/// The exchange is ours ([`h1`]) and runs in the request's own task; the pool is ours too
 /// ([`pool`]) and per thread: the service port runs one single-threaded runtime per core
-/// ([`crate::proxy::server`]), and a connection's task lives on the runtime that opened it,
-/// so a request and its upstream connection stay on one thread. Owning the pool (rather
-/// than hyper-util's) saves a task spawn, a channel and a lock per request: a connection
-/// goes back to the idle list when the response body has ended.
+/// ([`crate::proxy::server`]), so a request and its upstream connection stay on one thread.
+/// A connection goes back to the idle list when its response body has been read to the end.
 #[derive(Clone)]
 pub struct Upstream {
     id: u64,
     tls: Connector,
     tuning: Arc<ProxyTuning>,
 }
+
+/// A response from upstream whose body reads from the connection it came on.
+pub type PooledBody = h1::ResponseBody;
 
 impl Upstream {
     pub fn new(t: &ProxyTuning) -> Upstream {
@@ -161,19 +149,34 @@ impl Upstream {
     /// A plain request with an absolute URI (discovery polls).
     pub async fn send_simple(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let base = UpstreamBase::new(
             &url::Url::parse(&req.uri().to_string())
                 .map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
         )?;
+        let (mut parts, body) = req.into_parts();
+        parts.headers.insert(header::HOST, base.host.clone());
         // the URL's own path is the request's, not a prefix
-        *req.uri_mut() = req
-            .uri()
-            .path_and_query()
-            .map_or(Uri::from_static("/"), |pq| Uri::from(pq.clone()));
-        req.headers_mut().insert(header::HOST, base.host.clone());
-        self.send(req, &base, false).await
+        let framing = ReqFraming::of(&body);
+        let head = h1::encode_request_head(
+            &parts.method,
+            "",
+            target(&parts.uri),
+            &parts.headers,
+            framing,
+        );
+        let replayable = is_idempotent(&parts.method) && framing == ReqFraming::Empty;
+        let is_head = parts.method == Method::HEAD;
+        let (conn, resp, sent_whole) = self
+            .roundtrip(&base, head, body, framing, replayable)
+            .await?;
+        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(UpstreamError::Other(
+                "upstream switched protocols without being asked".into(),
+            ));
+        }
+        self.response(&base, conn, resp, sent_whole, is_head)
     }
 
     /// Forwards `req` (already cleaned at ingress, forwarding headers set) to `base` + its path.
@@ -186,263 +189,178 @@ impl Upstream {
     ) -> Result<Response<Body>, UpstreamError> {
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        headers::remove_hop_by_hop(req.headers_mut());
+        let (mut parts, body) = req.into_parts();
+        let h = &mut parts.headers;
+        headers::remove_hop_by_hop(h);
         if let Some(proto) = &upgrade {
-            req.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            req.headers_mut().insert(header::UPGRADE, proto.clone());
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, proto.clone());
         }
-        *req.uri_mut() = base.origin_form(req.uri())?;
-        *req.version_mut() = Version::HTTP_11;
-        req.headers_mut().insert(header::HOST, base.host.clone());
-
+        h.insert(header::HOST, base.host.clone());
+        let framing = ReqFraming::of(&body);
+        let head =
+            h1::encode_request_head(&parts.method, &base.prefix, target(&parts.uri), h, framing);
         // A request without a body that is safe to repeat can be sent again when a pooled
         // connection turns out to be dead (the upstream closed it as we reused it).
         let replayable =
-            upgrade.is_none() && is_idempotent(req.method()) && req.body().is_end_stream();
-        let resp = self.send(req, base, replayable).await?;
-        let mut resp = resp;
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+            upgrade.is_none() && is_idempotent(&parts.method) && framing == ReqFraming::Empty;
+        let is_head = parts.method == Method::HEAD;
+        drop(parts);
+        let (conn, resp, sent_whole) = self
+            .roundtrip(base, head, body, framing, replayable)
+            .await?;
+        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
             let Some(client_upgrade) = client_upgrade else {
                 return Err(UpstreamError::Other(
                     "upstream switched protocols without being asked".into(),
                 ));
             };
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(client_upgrade, upstream_upgrade) {
-                    Ok((c, u)) => {
-                        let mut c = TokioIo::new(c);
-                        let mut u = TokioIo::new(u);
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!("upgraded connection ended: {e}");
-                        }
-                    }
-                    Err(e) => tracing::debug!("upgrade failed: {e}"),
-                }
-            });
-            let (mut parts, _) = resp.into_parts();
-            let proto = parts.headers.get(header::UPGRADE).cloned();
-            headers::remove_hop_by_hop(&mut parts.headers);
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(p) = proto.or(upgrade) {
-                parts.headers.insert(header::UPGRADE, p);
-            }
-            return Ok(Response::from_parts(parts, Body::empty()));
+            return Ok(tunnel(conn, resp, client_upgrade, upgrade));
         }
+        let resp = self.response(base, conn, resp, sent_whole, is_head)?;
         let (mut parts, body) = resp.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 
-    /// Sends on a pooled connection, or a new one. A request that never left (the connection
-    /// closed before hyper wrote it) is sent again on a new connection whatever its method;
-    /// a `replayable` one also when a reused connection failed under it.
-    async fn send(
+    /// The response of an exchange, its body reading from `conn`.
+    fn response(
         &self,
-        req: Request<Body>,
         base: &UpstreamBase,
-        replayable: bool,
+        conn: Conn,
+        head: h1::Head,
+        sent_whole: bool,
+        is_head: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let (conn, reused) = match self.checkout(base).await {
+        let (framing, must_close) = h1::response_framing(is_head, head.status, &head.headers)
+            .map_err(|e| UpstreamError::Other(format!("bad response: {e}")))?;
+        let checkin: Option<h1::Checkin> =
+            (head.keep_alive && sent_whole && !must_close).then(|| {
+                let c =
+                    pool::Checkin::new(self.id, base.origin.clone(), self.tuning.pool_idle_timeout);
+                Box::new(move |conn| c.put(conn)) as h1::Checkin
+            });
+        let mut resp = Response::new(h1::ResponseBody::new(conn, framing, checkin));
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = head.headers;
+        Ok(resp)
+    }
+
+    /// One exchange on a pooled connection, or a new one. A request that never left (writing
+    /// its head failed) is sent again on a new connection whatever its method; a `replayable`
+    /// one also when a reused connection failed under it before any answer.
+    async fn roundtrip(
+        &self,
+        base: &UpstreamBase,
+        head: Bytes,
+        mut body: Body,
+        framing: ReqFraming,
+        replayable: bool,
+    ) -> Result<(Conn, h1::Head, bool), UpstreamError> {
+        let t = &self.tuning;
+        let max_head = t.max_header_bytes.max(8192) * 2;
+        let (mut conn, reused) = match pool::take(self.id, &base.origin, t.pool_idle_timeout) {
             Some(conn) => (conn, true),
             // boxed: a dial is rare and its future large (moved with every request's otherwise)
             None => (Box::pin(self.connect(base)).await?, false),
         };
-        let copy = (replayable && reused).then(|| bodiless_copy(&req));
-        let req = match self.send_on(conn, req, base).await {
-            Ok(r) => return Ok(r),
-            Err(Failed::Unsent(req, e)) => {
-                tracing::debug!("upstream connection closed before the request was sent ({e})");
-                *req
-            }
-            Err(Failed::Error(UpstreamError::Other(e))) => match copy {
-                Some(copy) => {
-                    tracing::debug!(
-                        "upstream request failed on a reused connection ({e}); retrying once"
-                    );
-                    copy
-                }
-                None => return Err(UpstreamError::Other(e)),
-            },
-            Err(Failed::Error(e)) => return Err(e),
+        let failure = match h1::exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            framing,
+            max_head,
+            t.header_read_timeout,
+        )
+        .await
+        {
+            Ok((resp, whole)) => return Ok((conn, resp, whole)),
+            Err(f) => f,
         };
-        let conn = Box::pin(self.connect(base)).await?;
-        Box::pin(self.send_on(conn, req, base))
-            .await
-            .map_err(|f| match f {
-                Failed::Unsent(_, e) => UpstreamError::Other(e),
-                Failed::Error(e) => e,
-            })
-    }
-
-    /// Sends once; the response head must arrive within `header_read_timeout` of the request
-    /// body having been sent (uploads are paced by the client, not timed here), give or take
-    /// the I/O thread's coarse timer tick.
-    async fn send_on(
-        &self,
-        mut conn: SendRequest<Body>,
-        req: Request<Body>,
-        base: &UpstreamBase,
-    ) -> Result<Response<PooledBody>, Failed> {
-        let limit = self.tuning.header_read_timeout;
-        // A bodiless request is timed from now; one with a body from its last byte.
-        let (req, rx) = if req.body().is_end_stream() {
-            (req, None)
-        } else {
-            let (tx, rx) = oneshot::channel::<()>();
-            let req = req.map(|inner| {
-                Body::new(NotifyEnd {
-                    inner,
-                    tx: Some(tx),
-                })
-            });
-            (req, Some(rx))
-        };
-        let fut = conn.try_send_request(req);
-        let deadline = async move {
-            if let Some(rx) = rx {
-                let _ = rx.await;
-            }
-            coarse_timer::Deadline::after(limit).await;
-        };
-        let resp = tokio::select! {
-            r = fut => r,
-            // Dropping the request future makes hyper close the connection.
-            _ = deadline => return Err(Failed::Error(UpstreamError::Timeout(limit))),
-        };
-        match resp {
-            Ok(resp) => {
-                // A connection that switched protocols belongs to the tunnel, not the pool.
-                let checkin = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| {
-                    pool::Checkin::new(
-                        self.id,
-                        base.origin.clone(),
-                        conn,
-                        self.tuning.pool_idle_timeout,
-                    )
-                });
-                Ok(resp.map(|b| PooledBody::new(b, checkin)))
-            }
-            Err(mut e) => {
-                let msg = error_chain(e.error());
-                match e.take_message() {
-                    Some(req) => Err(Failed::Unsent(Box::new(req), msg)),
-                    None => Err(Failed::Error(UpstreamError::Other(msg))),
-                }
-            }
+        let again = reused
+            && match failure.fate {
+                Fate::Unsent => true,
+                Fate::Sent => replayable,
+                Fate::Final => false,
+            };
+        if !again {
+            return Err(exchange_error(failure.error));
         }
+        tracing::debug!(
+            "upstream request failed on a reused connection ({}); sending it again on a new one",
+            failure.error
+        );
+        drop(conn);
+        let mut conn = Box::pin(self.connect(base)).await?;
+        let (resp, whole) = Box::pin(h1::exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            framing,
+            max_head,
+            t.header_read_timeout,
+        ))
+        .await
+        .map_err(|f| exchange_error(f.error))?;
+        Ok((conn, resp, whole))
     }
 
-    /// A pooled connection to `base` that is ready for a request.
-    async fn checkout(&self, base: &UpstreamBase) -> Option<SendRequest<Body>> {
-        let t = &self.tuning;
-        while let Some(mut conn) = pool::take(self.id, &base.origin, t.pool_idle_timeout) {
-            // Back in the pool as soon as its response was read, a connection can be a poll
-            // away from ready; one that does not get there in time is dropped.
-            if conn.is_ready()
-                || matches!(
-                    tokio::time::timeout(t.connect_timeout, conn.ready()).await,
-                    Ok(Ok(()))
-                )
-            {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Dials `base` and starts the connection's task on this thread's runtime.
-    async fn connect(&self, base: &UpstreamBase) -> Result<SendRequest<Body>, UpstreamError> {
+    /// Dials `base` (TCP, and TLS for `https://`).
+    async fn connect(&self, base: &UpstreamBase) -> Result<Conn, UpstreamError> {
         let io = tower::ServiceExt::oneshot(self.tls.clone(), base.origin.clone())
             .await
             .map_err(|e| UpstreamError::Connect(error_chain(e.as_ref())))?;
-        let (conn, driver) = hyper::client::conn::http1::Builder::new()
-            .max_buf_size(self.tuning.max_header_bytes.max(8192) * 2)
-            .handshake(io)
-            .await
-            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = driver.with_upgrades().await {
-                tracing::debug!("upstream connection ended: {e}");
+        Ok(Conn::new(Box::new(TokioIo::new(io))))
+    }
+}
+
+fn exchange_error(e: h1::ExchangeError) -> UpstreamError {
+    match e {
+        h1::ExchangeError::Timeout(d) => UpstreamError::Timeout(d),
+        e => UpstreamError::Other(e.to_string()),
+    }
+}
+
+/// Tunnels an accepted Upgrade: the client's upgraded connection and the upstream one, both
+/// ways until either side closes. Bytes the upstream sent right after its 101 go first.
+fn tunnel(
+    conn: Conn,
+    head: h1::Head,
+    client_upgrade: hyper::upgrade::OnUpgrade,
+    asked: Option<HeaderValue>,
+) -> Response<Body> {
+    tokio::spawn(async move {
+        let client = match client_upgrade.await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("upgrade failed: {e}");
+                return;
             }
-        });
-        Ok(conn)
-    }
-}
-
-/// How a send failed: with the request still unsent (it may go again on a new connection),
-/// or with an error.
-enum Failed {
-    Unsent(Box<Request<Body>>, String),
-    Error(UpstreamError),
-}
-
-/// A copy of a request without a body, for its one retry.
-fn bodiless_copy(req: &Request<Body>) -> Request<Body> {
-    let mut r = Request::new(Body::empty());
-    *r.method_mut() = req.method().clone();
-    *r.uri_mut() = req.uri().clone();
-    *r.version_mut() = req.version();
-    *r.headers_mut() = req.headers().clone();
-    r
-}
-
-/// A response body that hands its connection back to the pool once it has been read to the
-/// end (dropped early, the connection is dropped and hyper closes it).
-pub struct PooledBody {
-    inner: hyper::body::Incoming,
-    checkin: Option<pool::Checkin>,
-    /// The body has yielded its end (a body known empty up front says so through `inner`).
-    ended: bool,
-}
-
-impl PooledBody {
-    fn new(inner: hyper::body::Incoming, checkin: Option<pool::Checkin>) -> PooledBody {
-        PooledBody {
-            inner,
-            checkin,
-            ended: false,
-        }
-    }
-}
-
-impl HttpBody for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => self.ended = true,
-            Poll::Ready(Some(Err(_))) => self.checkin = None,
-            _ => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.ended || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        if (self.ended || self.inner.is_end_stream())
-            && let Some(c) = self.checkin.take()
+        };
+        let mut client = TokioIo::new(client);
+        let Conn { mut io, rbuf } = conn;
+        if !rbuf.is_empty()
+            && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &rbuf).await
         {
-            c.put();
+            tracing::debug!("upgraded connection ended: {e}");
+            return;
         }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut io).await {
+            tracing::debug!("upgraded connection ended: {e}");
+        }
+    });
+    let mut headers = head.headers;
+    let proto = headers.get(header::UPGRADE).cloned();
+    headers::remove_hop_by_hop(&mut headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = proto.or(asked) {
+        headers.insert(header::UPGRADE, p);
     }
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = head.status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -463,56 +381,38 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// A request body that signals when it has been sent completely (or dropped).
-struct NotifyEnd {
-    inner: Body,
-    tx: Option<oneshot::Sender<()>>,
-}
-
-impl HttpBody for NotifyEnd {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = r
-            && let Some(tx) = self.tx.take()
-        {
-            let _ = tx.send(());
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn origin_form_with_and_without_prefix() {
+    fn request_target_with_and_without_prefix() {
+        let head = |base: &UpstreamBase, uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            let h = h1::encode_request_head(
+                &Method::GET,
+                &base.prefix,
+                target(&uri),
+                &http::HeaderMap::new(),
+                ReqFraming::Empty,
+            );
+            String::from_utf8(h.to_vec()).unwrap()
+        };
         let base =
             UpstreamBase::new(&url::Url::parse("http://127.0.0.1:9000/prefix/").unwrap()).unwrap();
-        let u = base.origin_form(&"/a/b?c=d".parse().unwrap()).unwrap();
-        assert_eq!(u.to_string(), "/prefix/a/b?c=d");
+        assert_eq!(
+            head(&base, "/a/b?c=d"),
+            "GET /prefix/a/b?c=d HTTP/1.1\r\n\r\n"
+        );
         assert_eq!(base.host, "127.0.0.1:9000");
         let base = UpstreamBase::new(&url::Url::parse("http://[::1]:9000").unwrap()).unwrap();
-        assert_eq!(base.origin_form(&"/x".parse().unwrap()).unwrap(), "/x");
+        assert_eq!(head(&base, "/x"), "GET /x HTTP/1.1\r\n\r\n");
         assert_eq!(base.host, "[::1]:9000");
         assert_eq!(base.origin.to_string(), "http://[::1]:9000/");
-        let abs = base
-            .origin_form(&"http://elsewhere/y?z".parse().unwrap())
-            .unwrap();
-        assert_eq!(abs.to_string(), "/y?z");
+        // absolute form from the client: only its path and query go upstream
+        assert_eq!(
+            head(&base, "http://elsewhere/y?z"),
+            "GET /y?z HTTP/1.1\r\n\r\n"
+        );
     }
 }

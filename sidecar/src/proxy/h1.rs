@@ -1,0 +1,1423 @@
+//! The upstream HTTP/1.1 exchange: our own client codec, driven by the proxied request's own
+//! task.
+//!
+//! Why not hyper's client: it runs each connection as a task fed through a channel and
+//! answers through a oneshot, so every proxied request cost a second task wake-up, two channel
+//! operations, a generic head encoder and a response decode — about 11,000 of the 25,600
+//! instructions a bare hyper proxy spends per request (BENCHMARKS.md). Like nginx and Pingora,
+//! this module drives the exchange inline instead:
+//! - the request head is serialised once into bytes, which a retry sends again as they are
+//!   (no copy of the request is kept for it);
+//! - the response head is parsed by httparse where it lies in the read buffer, its values
+//!   shared with that buffer;
+//! - a body that arrived with its head is handed over in the same poll, and its connection is
+//!   back in the pool before the client has seen a byte.
+//!
+//! What an upstream may send and what happens:
+//! - 1xx other than 101: skipped. 101: the connection is handed to the caller (a tunnel).
+//! - Body framing per RFC 9112 §6.3: none after HEAD, 204 and 304; chunked when
+//!   `Transfer-Encoding` ends in `chunked` (any other coding: until close); `Content-Length`
+//!   (repeated values must agree); otherwise until close. Trailers of a chunked body are read
+//!   and dropped. A response with both `Transfer-Encoding` and `Content-Length` is read as
+//!   chunked and its connection closed afterwards (a smuggling attempt or a broken upstream).
+//! - A connection is reused only when its response was read to the end, the request body was
+//!   sent whole, the upstream did not say `Connection: close` (or spoke HTTP/1.0 without
+//!   keep-alive), and nothing followed the response.
+//!
+//! Request bodies go out with `Content-Length` when their size is known, else chunked, and are
+//! sent while the response is watched for: an upstream that answers before reading an upload
+//! (an error, a redirect to log in) is heard rather than deadlocked against.
+
+use crate::proxy::coarse_timer::Deadline;
+use axum::body::Body;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Response headers beyond this many are refused (hyper's client had the same limit).
+const MAX_HEADERS: usize = 100;
+/// A chunk-size line, or all trailers of a chunked body, beyond this is refused.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 16 * 1024;
+/// Read sizes: a head is small; a body is read in larger pieces (one buffer per connection).
+const HEAD_READ: usize = 8 * 1024;
+const BODY_READ: usize = 64 * 1024;
+
+/// Any byte stream an upstream connection runs on (TCP, TLS over TCP, a test pipe).
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+/// An upstream connection between exchanges: the stream and what was read but not consumed.
+pub struct Conn {
+    pub io: Box<dyn Stream>,
+    pub rbuf: BytesMut,
+}
+
+impl Conn {
+    pub fn new(io: Box<dyn Stream>) -> Conn {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: nothing — no end of stream, no stray
+    /// byte — has arrived since its last response. While the socket has had no event this
+    /// costs no system call (the runtime knows it is not readable).
+    pub fn is_idle_open(&mut self) -> bool {
+        if !self.rbuf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut rb = ReadBuf::new(&mut byte);
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut rb)
+            .is_pending()
+    }
+
+    /// Reads what is there into `rbuf`, making room for `want` bytes first when it is short.
+    /// `Ok(0)`: the upstream closed.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
+            self.rbuf.reserve(want);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request
+
+/// How a request body is framed on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqFraming {
+    /// No body (`Content-Length: 0` is sent where a body is expected).
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl ReqFraming {
+    /// From the body itself: its end known already, its exact size known, or neither. The
+    /// client's own `Content-Length` is not trusted for this (the server side has checked the
+    /// body against it, and the body's size hint says the same).
+    pub fn of(body: &Body) -> ReqFraming {
+        if body.is_end_stream() {
+            ReqFraming::Empty
+        } else {
+            match body.size_hint().exact() {
+                Some(n) => ReqFraming::Length(n),
+                None => ReqFraming::Chunked,
+            }
+        }
+    }
+}
+
+/// Serialises a request head: `method prefix+path_and_query HTTP/1.1`, every header but the
+/// client's framing headers (hop-by-hop ones are removed by the caller), then our framing.
+pub fn encode_request_head(
+    method: &Method,
+    prefix: &str,
+    path_and_query: &str,
+    headers: &HeaderMap,
+    framing: ReqFraming,
+) -> Bytes {
+    let mut size = method.as_str().len() + prefix.len() + path_and_query.len() + 64;
+    for (n, v) in headers {
+        size += n.as_str().len() + v.len() + 4;
+    }
+    let mut b = Vec::with_capacity(size);
+    b.extend_from_slice(method.as_str().as_bytes());
+    b.push(b' ');
+    b.extend_from_slice(prefix.as_bytes());
+    b.extend_from_slice(path_and_query.as_bytes());
+    b.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut had_length = false;
+    for (n, v) in headers {
+        if n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING {
+            had_length |= n == header::CONTENT_LENGTH;
+            continue;
+        }
+        b.extend_from_slice(n.as_str().as_bytes());
+        b.extend_from_slice(b": ");
+        b.extend_from_slice(v.as_bytes());
+        b.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::Empty => {
+            if had_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                b.extend_from_slice(b"content-length: 0\r\n");
+            }
+        }
+        ReqFraming::Length(n) => {
+            b.extend_from_slice(b"content-length: ");
+            push_decimal(&mut b, n);
+            b.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    b.extend_from_slice(b"\r\n");
+    Bytes::from(b)
+}
+
+fn push_decimal(b: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    b.extend_from_slice(&digits[i..]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response head
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub headers: HeaderMap,
+    /// The upstream lets the connection be reused after this response.
+    pub keep_alive: bool,
+}
+
+/// Parses a response head at the start of `buf` and removes it from there. `Ok(None)`: not
+/// complete yet. The head may not exceed `max` bytes.
+pub fn parse_response_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, &'static str> {
+    // (name start, name len, value start, value len) of each header, to build the map once the
+    // head is split off the buffer (httparse borrows it)
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, code, minor, count) = {
+        // uninitialised: httparse writes what it finds (no 3 KiB of empty headers per parse)
+        let mut raw = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut r = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut r, buf, &mut raw)
+        {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > max => {
+                return Err("response head too large");
+            }
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => return Err("too many response headers"),
+            Err(_) => return Err("malformed response head"),
+        };
+        if len > max {
+            return Err("response head too large");
+        }
+        let base = buf.as_ptr() as usize;
+        for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
+            *s = (
+                (h.name.as_ptr() as usize - base) as u32,
+                h.name.len() as u32,
+                (h.value.as_ptr() as usize - base) as u32,
+                h.value.len() as u32,
+            );
+        }
+        (
+            len,
+            r.code.unwrap_or(0),
+            r.version.unwrap_or(1),
+            r.headers.len(),
+        )
+    };
+    let status = StatusCode::from_u16(code).map_err(|_| "bad response status")?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    let mut close = false;
+    let mut keep_alive = false;
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let name = &head[ns as usize..(ns + nl) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| "bad response header name")?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..(vs + vl) as usize))
+            .map_err(|_| "bad response header value")?;
+        if name == header::CONNECTION {
+            for t in value.as_bytes().split(|&c| c == b',') {
+                let t = t.trim_ascii();
+                close |= t.eq_ignore_ascii_case(b"close");
+                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+        headers.append(name, value);
+    }
+    let version = if minor == 0 {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        keep_alive: !close && (version == Version::HTTP_11 || keep_alive),
+    }))
+}
+
+/// How a response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RespFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes (the connection is not reused).
+    Close,
+}
+
+/// The framing of a response (RFC 9112 §6.3), and whether its connection must be closed after
+/// it whatever the upstream said.
+pub fn response_framing(
+    head_request: bool,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<(RespFraming, bool), &'static str> {
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((RespFraming::Empty, false));
+    }
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if te.peek().is_some() {
+        let last = te.last().map(HeaderValue::as_bytes).unwrap_or_default();
+        let chunked = last
+            .rsplit(|&c| c == b',')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        let with_length = headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            (RespFraming::Chunked, with_length)
+        } else {
+            (RespFraming::Close, true)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&c| c == b',') {
+            let n = parse_decimal(part.trim_ascii()).ok_or("bad response Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting response Content-Length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(0) => (RespFraming::Empty, false),
+        Some(n) => (RespFraming::Length(n), false),
+        None => (RespFraming::Close, true),
+    })
+}
+
+fn parse_decimal(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked bodies
+
+/// An incremental decoder of a chunked body (RFC 9112 §7.1), strict about CRLFs.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+/// What [`ChunkedDecoder::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// More input is needed.
+    More,
+    /// The body has ended (trailers consumed).
+    End,
+}
+
+impl ChunkedDecoder {
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, &'static str> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(nl) = memchr::memchr(b'\n', buf) else {
+                        return if buf.len() > MAX_CHUNK_LINE {
+                            Err("chunk size line too long")
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    let line = buf[..nl]
+                        .strip_suffix(b"\r")
+                        .ok_or("chunk size line without CRLF")?;
+                    let digits = line
+                        .split(|&c| c == b';')
+                        .next()
+                        .unwrap_or_default()
+                        .trim_ascii_end();
+                    let size = parse_hex(digits).ok_or("bad chunk size")?;
+                    buf.advance(nl + 1);
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let n = left.min(buf.len() as u64);
+                    let data = buf.split_to(n as usize).freeze();
+                    self.state = if n == left {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(left - n)
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::More);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err("chunk data not followed by CRLF");
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(nl) = memchr::memchr(b'\n', buf) else {
+                        return if self.trailer_bytes + buf.len() > MAX_TRAILERS {
+                            Err("chunked trailers too long")
+                        } else {
+                            Ok(Decoded::More)
+                        };
+                    };
+                    if buf[..nl].last() != Some(&b'\r') {
+                        return Err("trailer line without CRLF");
+                    }
+                    self.trailer_bytes += nl + 1;
+                    if self.trailer_bytes > MAX_TRAILERS {
+                        return Err("chunked trailers too long");
+                    }
+                    let last = nl == 1;
+                    buf.advance(nl + 1);
+                    if last {
+                        self.state = ChunkState::Done;
+                    }
+                }
+                ChunkState::Done => return Ok(Decoded::End),
+            }
+        }
+    }
+}
+
+fn parse_hex(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 15 {
+        return None;
+    }
+    s.iter().try_fold(0u64, |n, &c| {
+        let d = (c as char).to_digit(16)?;
+        Some(n * 16 + u64::from(d))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The exchange
+
+/// How far a failed exchange got, which decides whether the request may be sent again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Failed writing the head; the body was not touched: the whole request can go again.
+    Unsent,
+    /// The request (or part of it) went out and no byte came back.
+    Sent,
+    /// Must not be sent again: the upstream answered something, the response head timed out,
+    /// or the request body failed.
+    Final,
+}
+
+#[derive(Debug)]
+pub struct Failure {
+    pub fate: Fate,
+    pub error: ExchangeError,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("no response head within {0:?} after the request was sent")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(String),
+    #[error("bad response: {0}")]
+    Protocol(&'static str),
+    #[error("request body: {0}")]
+    RequestBody(String),
+}
+
+/// Up to three byte strings waiting to be written (a head; or a chunk's size line, data and
+/// CRLF), written with vectored writes.
+#[derive(Default)]
+struct Out {
+    parts: [Bytes; 3],
+}
+
+impl Out {
+    fn is_empty(&self) -> bool {
+        self.parts.iter().all(Bytes::is_empty)
+    }
+
+    fn poll_write(
+        &mut self,
+        io: &mut Box<dyn Stream>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while !self.is_empty() {
+            let slices = [
+                IoSlice::new(&self.parts[0]),
+                IoSlice::new(&self.parts[1]),
+                IoSlice::new(&self.parts[2]),
+            ];
+            let mut n = ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            for p in &mut self.parts {
+                let k = n.min(p.len());
+                p.advance(k);
+                n -= k;
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Sends `head` and then `body` on `conn` while reading the response head, which must arrive
+/// within `header_timeout` of the request having been sent completely (an upload is paced by
+/// its client, not timed here; the timer is the I/O thread's coarse one). Returns the final
+/// head and whether the request body was sent whole.
+pub async fn exchange(
+    conn: &mut Conn,
+    head: &Bytes,
+    body: &mut Body,
+    framing: ReqFraming,
+    max_head: usize,
+    header_timeout: Duration,
+) -> Result<(Head, bool), Failure> {
+    let mut out = Out::default();
+    out.parts[0] = head.clone();
+    let mut head_written = false;
+    let mut body_ended = framing == ReqFraming::Empty;
+    let mut sent: u64 = 0;
+    let mut answered = false;
+    let mut deadline: Option<Deadline> = None;
+    let fail = |fate, error| Failure { fate, error };
+    std::future::poll_fn(|cx| {
+        loop {
+            // the response first: an early answer ends the upload
+            match poll_head(conn, cx, max_head, &mut answered) {
+                Poll::Ready(Ok(h)) => return Poll::Ready(Ok((h, body_ended && out.is_empty()))),
+                Poll::Ready(Err(e)) => {
+                    let fate = if answered {
+                        Fate::Final
+                    } else if head_written {
+                        Fate::Sent
+                    } else {
+                        Fate::Unsent
+                    };
+                    return Poll::Ready(Err(fail(fate, e)));
+                }
+                Poll::Pending => {}
+            }
+            if !out.is_empty() {
+                match out.poll_write(&mut conn.io, cx) {
+                    Poll::Ready(Ok(())) => head_written = true,
+                    Poll::Ready(Err(e)) => {
+                        // the upstream may have answered and closed: that answer wins
+                        if let Poll::Ready(Ok(h)) = poll_head(conn, cx, max_head, &mut answered) {
+                            return Poll::Ready(Ok((h, false)));
+                        }
+                        let fate = match (answered, head_written) {
+                            (true, _) => Fate::Final,
+                            (false, true) => Fate::Sent,
+                            (false, false) => Fate::Unsent,
+                        };
+                        return Poll::Ready(Err(fail(fate, ExchangeError::Io(e.to_string()))));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if body_ended {
+                let d = deadline.get_or_insert_with(|| Deadline::after(header_timeout));
+                ready!(Pin::new(d).poll(cx));
+                return Poll::Ready(Err(fail(
+                    Fate::Final,
+                    ExchangeError::Timeout(header_timeout),
+                )));
+            }
+            let frame = match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    return Poll::Ready(Err(fail(
+                        Fate::Final, // the request is incomplete: never sent again
+                        ExchangeError::RequestBody(e.to_string()),
+                    )));
+                }
+                None => {
+                    body_ended = true;
+                    match framing {
+                        ReqFraming::Chunked => out.parts[0] = Bytes::from_static(b"0\r\n\r\n"),
+                        ReqFraming::Length(n) if sent != n => {
+                            return Poll::Ready(Err(fail(
+                                Fate::Final,
+                                ExchangeError::RequestBody(format!(
+                                    "ended after {sent} of {n} bytes"
+                                )),
+                            )));
+                        }
+                        _ => {}
+                    }
+                    continue;
+                }
+            };
+            // trailers of a request body are dropped (git and LFS send none)
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            sent += data.len() as u64;
+            match framing {
+                ReqFraming::Length(n) if sent > n => {
+                    return Poll::Ready(Err(fail(
+                        Fate::Final,
+                        ExchangeError::RequestBody(format!("longer than its {n} bytes")),
+                    )));
+                }
+                ReqFraming::Chunked => {
+                    out.parts[0] = Bytes::from(format!("{:x}\r\n", data.len()));
+                    out.parts[1] = data;
+                    out.parts[2] = Bytes::from_static(b"\r\n");
+                }
+                _ => out.parts[0] = data,
+            }
+        }
+    })
+    .await
+}
+
+/// Reads until a final response head (1xx other than 101 skipped). `answered`: some byte of a
+/// response has arrived.
+fn poll_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    max_head: usize,
+    answered: &mut bool,
+) -> Poll<Result<Head, ExchangeError>> {
+    loop {
+        if !conn.rbuf.is_empty() {
+            match parse_response_head(&mut conn.rbuf, max_head) {
+                // 100 Continue and the like: what follows may be in the buffer already
+                Ok(Some(h))
+                    if h.status.is_informational()
+                        && h.status != StatusCode::SWITCHING_PROTOCOLS =>
+                {
+                    continue;
+                }
+                Ok(Some(h)) => return Poll::Ready(Ok(h)),
+                Ok(None) => {}
+                Err(e) => return Poll::Ready(Err(ExchangeError::Protocol(e))),
+            }
+        }
+        match ready!(conn.poll_fill(cx, HEAD_READ)) {
+            Ok(0) => {
+                return Poll::Ready(Err(ExchangeError::Io(
+                    "connection closed before a response".into(),
+                )));
+            }
+            Ok(_) => *answered = true,
+            Err(e) => return Poll::Ready(Err(ExchangeError::Io(e.to_string()))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response bodies
+
+/// Where a finished connection goes (the pool), called once its response has been read whole.
+pub type Checkin = Box<dyn FnOnce(Conn) + Send>;
+
+enum BodyState {
+    /// Read already (or empty): yielded once, then the end.
+    Ready(Option<Bytes>),
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// A response body read from its upstream connection as the client takes it. Read to its end,
+/// a reusable connection goes to its check-in; dropped early, the connection is closed.
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    state: BodyState,
+    checkin: Option<Checkin>,
+}
+
+impl ResponseBody {
+    /// The body of a response framed as `framing` on `conn`; `checkin` is `None` when the
+    /// connection must not be reused. A body already read whole is split off at once and the
+    /// connection checked in before this returns.
+    pub fn new(mut conn: Conn, framing: RespFraming, checkin: Option<Checkin>) -> ResponseBody {
+        let state = match framing {
+            RespFraming::Empty => BodyState::Ready(None),
+            RespFraming::Length(n) if conn.rbuf.len() as u64 >= n => {
+                BodyState::Ready(Some(conn.rbuf.split_to(n as usize).freeze()))
+            }
+            RespFraming::Length(n) => BodyState::Length(n),
+            RespFraming::Chunked => BodyState::Chunked(ChunkedDecoder::default()),
+            RespFraming::Close => BodyState::UntilClose,
+        };
+        let mut b = ResponseBody {
+            conn: Some(conn),
+            state,
+            checkin,
+        };
+        if matches!(b.state, BodyState::Ready(_)) {
+            b.finish(true);
+        }
+        b
+    }
+
+    /// The body has been read whole (`clean`) or has failed: the connection goes back or is
+    /// closed.
+    fn finish(&mut self, clean: bool) {
+        let conn = self.conn.take();
+        if let (true, Some(conn), Some(checkin)) = (clean, conn, self.checkin.take())
+            && conn.rbuf.is_empty()
+        {
+            checkin(conn);
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<String>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.state = BodyState::Done;
+        self.finish(false);
+        Poll::Ready(Some(Err(io::Error::other(e.into()))))
+    }
+}
+
+impl HttpBody for ResponseBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(match &mut this.state {
+                    BodyState::Ready(b) => b.take().map(|b| Ok(Frame::data(b))),
+                    _ => None,
+                });
+            };
+            match &mut this.state {
+                BodyState::Length(left) => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx, BODY_READ)) {
+                            Ok(0) => return this.fail("upstream closed inside a response body"),
+                            Ok(_) => {}
+                            Err(e) => return this.fail(e.to_string()),
+                        }
+                    }
+                    let n = (*left).min(conn.rbuf.len() as u64);
+                    *left -= n;
+                    let data = conn.rbuf.split_to(n as usize).freeze();
+                    if *left == 0 {
+                        this.state = BodyState::Done;
+                        this.finish(true);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Chunked(dec) => match dec.decode(&mut conn.rbuf) {
+                    Ok(Decoded::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                    Ok(Decoded::End) => {
+                        this.state = BodyState::Done;
+                        this.finish(true);
+                        return Poll::Ready(None);
+                    }
+                    Ok(Decoded::More) => match ready!(conn.poll_fill(cx, BODY_READ)) {
+                        Ok(0) => return this.fail("upstream closed inside a chunked body"),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e.to_string()),
+                    },
+                    Err(e) => return this.fail(e),
+                },
+                BodyState::UntilClose => {
+                    if conn.rbuf.is_empty() {
+                        match ready!(conn.poll_fill(cx, BODY_READ)) {
+                            Ok(0) => {
+                                this.state = BodyState::Done;
+                                this.finish(false);
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return this.fail(e.to_string()),
+                        }
+                    }
+                    let data = conn.rbuf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                BodyState::Ready(_) | BodyState::Done => {
+                    // finished states hold no connection
+                    this.finish(false);
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.state {
+            BodyState::Ready(b) => b.is_none(),
+            BodyState::Length(n) => *n == 0,
+            BodyState::Done => true,
+            _ => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.state {
+            BodyState::Ready(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            BodyState::Length(n) => SizeHint::with_exact(*n),
+            BodyState::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn text(b: &Bytes) -> String {
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[test]
+    fn request_heads_carry_our_framing_not_the_clients() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("up:1"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.append("x-a", HeaderValue::from_static("1"));
+        h.append("x-a", HeaderValue::from_static("2"));
+        let head_with =
+            |h: &HeaderMap, m: Method, f| text(&encode_request_head(&m, "/p", "/x?y", h, f));
+        let head = |m, f| head_with(&h, m, f);
+        assert_eq!(
+            head(Method::PUT, ReqFraming::Length(12345)),
+            "PUT /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12345\r\n\r\n"
+        );
+        assert_eq!(
+            head(Method::POST, ReqFraming::Chunked),
+            "POST /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        assert_eq!(
+            head(Method::GET, ReqFraming::Empty),
+            "GET /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 0\r\n\r\n",
+            "the client sent a length: it says 0 now"
+        );
+        let mut h = h.clone();
+        h.remove(header::CONTENT_LENGTH);
+        assert_eq!(
+            head_with(&h, Method::GET, ReqFraming::Empty),
+            "GET /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+        );
+        assert!(
+            head_with(&h, Method::POST, ReqFraming::Empty).ends_with("content-length: 0\r\n\r\n")
+        );
+        let mut b = Vec::new();
+        for n in [0, 7, 10, 1_073_741_824, u64::MAX] {
+            b.clear();
+            push_decimal(&mut b, n);
+            assert_eq!(b, n.to_string().as_bytes());
+        }
+    }
+
+    const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nServer: up\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 5\r\n\r\nhello";
+
+    #[test]
+    fn response_heads_parse_at_any_split() {
+        for cut in 0..RESP.len() - 5 {
+            let mut buf = BytesMut::from(&RESP[..cut]);
+            assert!(
+                parse_response_head(&mut buf, 8192).unwrap().is_none(),
+                "cut at {cut}"
+            );
+            assert_eq!(buf.len(), cut, "an incomplete head is left in place");
+        }
+        let mut buf = BytesMut::from(RESP);
+        let h = parse_response_head(&mut buf, 8192).unwrap().unwrap();
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.version, Version::HTTP_11);
+        assert!(h.keep_alive);
+        assert_eq!(h.headers.get_all(header::SET_COOKIE).iter().count(), 2);
+        assert_eq!(h.headers["server"], "up");
+        assert_eq!(&buf[..], b"hello", "the body stays in the buffer");
+    }
+
+    #[test]
+    fn response_heads_refused_or_not_kept_alive() {
+        let parse = |s: &str, max| parse_response_head(&mut BytesMut::from(s), max);
+        let alive = |s: &str| parse(s, 8192).unwrap().unwrap().keep_alive;
+        assert!(!alive("HTTP/1.1 200 OK\r\nConnection: Close\r\n\r\n"));
+        assert!(!alive("HTTP/1.0 200 OK\r\n\r\n"));
+        assert!(alive("HTTP/1.0 200 OK\r\nconnection: keep-alive\r\n\r\n"));
+        assert!(!alive(
+            "HTTP/1.1 200 OK\r\nconnection: upgrade, close\r\n\r\n"
+        ));
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nx: y\r\n", 10).unwrap_err(),
+            "response head too large"
+        );
+        assert_eq!(
+            parse("HTTP/1.1 200 OK\r\nx: y\r\n\r\n", 10).unwrap_err(),
+            "response head too large"
+        );
+        assert_eq!(
+            parse("HTTP/1.1 2000 OK\r\n\r\n", 8192).unwrap_err(),
+            "malformed response head"
+        );
+        assert_eq!(
+            parse("SSH-2.0-OpenSSH\r\n\r\n", 8192).unwrap_err(),
+            "malformed response head"
+        );
+        let many = format!(
+            "HTTP/1.1 200 OK\r\n{}\r\n",
+            "a: b\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert_eq!(
+            parse(&many, 1 << 20).unwrap_err(),
+            "too many response headers"
+        );
+    }
+
+    #[test]
+    fn response_framing_table() {
+        let map = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            h
+        };
+        let f = |head, code, pairs: &[(&str, &str)]| {
+            response_framing(head, StatusCode::from_u16(code).unwrap(), &map(pairs))
+        };
+        use RespFraming::*;
+        assert_eq!(f(true, 200, &[("content-length", "9")]), Ok((Empty, false)));
+        assert_eq!(f(false, 204, &[]), Ok((Empty, false)));
+        assert_eq!(
+            f(false, 304, &[("content-length", "9")]),
+            Ok((Empty, false))
+        );
+        assert_eq!(
+            f(false, 200, &[("content-length", "9")]),
+            Ok((Length(9), false))
+        );
+        assert_eq!(
+            f(false, 200, &[("content-length", "0")]),
+            Ok((Empty, false))
+        );
+        assert_eq!(
+            f(false, 200, &[("content-length", "9, 9")]),
+            Ok((Length(9), false))
+        );
+        assert_eq!(
+            f(
+                false,
+                200,
+                &[("content-length", "9"), ("content-length", "9")]
+            ),
+            Ok((Length(9), false))
+        );
+        assert!(f(false, 200, &[("content-length", "9, 8")]).is_err());
+        assert!(f(false, 200, &[("content-length", "-1")]).is_err());
+        assert!(f(false, 200, &[("content-length", "+9")]).is_err());
+        assert_eq!(
+            f(false, 200, &[("transfer-encoding", "gzip, Chunked")]),
+            Ok((Chunked, false))
+        );
+        assert_eq!(
+            f(false, 200, &[("transfer-encoding", "chunked, gzip")]),
+            Ok((Close, true))
+        );
+        assert_eq!(
+            f(
+                false,
+                200,
+                &[("transfer-encoding", "chunked"), ("content-length", "9")]
+            ),
+            Ok((Chunked, true)),
+            "both: chunked, and the connection is not reused"
+        );
+        assert_eq!(f(false, 200, &[]), Ok((Close, true)));
+    }
+
+    const CHUNKED: &[u8] = b"5;ext=1\r\nhello\r\n6 \r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+
+    #[test]
+    fn chunked_bodies_decode_at_any_split() {
+        for cut in 0..=CHUNKED.len() {
+            let mut dec = ChunkedDecoder::default();
+            let mut buf = BytesMut::from(&CHUNKED[..cut]);
+            let mut out = Vec::new();
+            let mut ended = false;
+            let mut fed = false;
+            loop {
+                match dec.decode(&mut buf).unwrap() {
+                    Decoded::Data(d) => out.extend_from_slice(&d),
+                    Decoded::End => {
+                        ended = true;
+                        break;
+                    }
+                    Decoded::More if !fed => {
+                        buf.extend_from_slice(&CHUNKED[cut..]);
+                        fed = true;
+                    }
+                    Decoded::More => break,
+                }
+            }
+            if !fed {
+                buf.extend_from_slice(&CHUNKED[cut..]);
+            }
+            assert!(ended, "cut at {cut}");
+            assert_eq!(out, b"hello world", "cut at {cut}");
+            assert_eq!(
+                &buf[..],
+                b"NEXT",
+                "what follows the body is left (cut at {cut})"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        let bad = |s: &[u8]| {
+            let mut dec = ChunkedDecoder::default();
+            let mut buf = BytesMut::from(s);
+            loop {
+                match dec.decode(&mut buf) {
+                    Ok(Decoded::Data(_)) => {}
+                    Ok(other) => return Ok(other),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        assert_eq!(bad(b"5\nhello\r\n"), Err("chunk size line without CRLF"));
+        assert_eq!(bad(b"zz\r\n"), Err("bad chunk size"));
+        assert_eq!(bad(b"\r\n"), Err("bad chunk size"));
+        assert_eq!(
+            bad(b"1000000000000000\r\n"),
+            Err("bad chunk size"),
+            "overflow"
+        );
+        assert_eq!(bad(b"5\r\nhelloXX"), Err("chunk data not followed by CRLF"));
+        assert_eq!(bad(b"0\r\nx: y\n\r\n"), Err("trailer line without CRLF"));
+        let long = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert_eq!(bad(&long), Err("chunk size line too long"));
+        assert_eq!(bad(b"5\r\nhel"), Ok(Decoded::More));
+    }
+
+    /// A loopback upstream running `serve` on its first connection, and a connection to it.
+    async fn upstream<F, Fut>(serve: F) -> Conn
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            serve(s).await;
+        });
+        Conn::new(Box::new(TcpStream::connect(addr).await.unwrap()))
+    }
+
+    async fn read_head(s: &mut TcpStream) -> String {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "head cut short");
+            head.push(b[0]);
+        }
+        String::from_utf8(head).unwrap()
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn get() -> Bytes {
+        Bytes::from_static(b"GET / HTTP/1.1\r\nhost: up\r\n\r\n")
+    }
+
+    /// Collects a body, and reports what was checked in.
+    async fn collect(b: ResponseBody) -> Vec<u8> {
+        http_body_util::BodyExt::collect(b)
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    fn checkin() -> (Option<Checkin>, Arc<Mutex<Option<Conn>>>) {
+        let slot = Arc::new(Mutex::new(None));
+        let s = slot.clone();
+        (Some(Box::new(move |c| *s.lock().unwrap() = Some(c))), slot)
+    }
+
+    #[tokio::test]
+    async fn a_small_body_comes_with_its_head_and_the_connection_goes_back_at_once() {
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            s.write_all(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            )
+            .await
+            .unwrap();
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let (h, whole) = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.status, StatusCode::OK, "100 Continue skipped");
+        assert!(whole);
+        let (framing, close) = response_framing(false, h.status, &h.headers).unwrap();
+        let (ci, slot) = checkin();
+        let body = ResponseBody::new(conn, framing, (!close).then_some(ci).flatten());
+        assert!(
+            slot.lock().unwrap().is_some(),
+            "checked in before the body is read"
+        );
+        assert_eq!(body.size_hint().exact(), Some(5));
+        assert_eq!(collect(body).await, b"hello");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_body_streams_and_then_checks_in() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+                .await
+                .unwrap();
+            rx.await.unwrap();
+            s.write_all(b"6\r\n world\r\n0\r\n\r\n").await.unwrap();
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let (h, _) = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap();
+        let (framing, _) = response_framing(false, h.status, &h.headers).unwrap();
+        let (ci, slot) = checkin();
+        let mut body = ResponseBody::new(conn, framing, ci);
+        let first = http_body_util::BodyExt::frame(&mut body)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            first.into_data().unwrap(),
+            "hello",
+            "the first chunk before the rest exists"
+        );
+        assert!(slot.lock().unwrap().is_none());
+        tx.send(()).unwrap();
+        assert_eq!(collect(body).await, b" world");
+        assert!(slot.lock().unwrap().is_some(), "checked in at the end");
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_is_never_checked_in() {
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\nall of it")
+                .await
+                .unwrap();
+        })
+        .await;
+        let (h, _) = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap();
+        let (framing, close) = response_framing(false, h.status, &h.headers).unwrap();
+        assert!(close);
+        let (ci, slot) = checkin();
+        assert_eq!(
+            collect(ResponseBody::new(conn, framing, ci)).await,
+            b"all of it"
+        );
+        assert!(slot.lock().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_short_length_body_is_an_error() {
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort")
+                .await
+                .unwrap();
+        })
+        .await;
+        let (h, _) = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap();
+        let (framing, _) = response_framing(false, h.status, &h.headers).unwrap();
+        let (ci, slot) = checkin();
+        let r = http_body_util::BodyExt::collect(ResponseBody::new(conn, framing, ci)).await;
+        assert!(r.is_err());
+        assert!(slot.lock().unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn request_bodies_go_out_chunked_or_with_their_length() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let mut conn = upstream(move |mut s| async move {
+            let head = read_head(&mut s).await;
+            let mut rest = vec![0u8; b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n".len()];
+            s.read_exact(&mut rest).await.unwrap();
+            s2.lock()
+                .unwrap()
+                .push(head + &String::from_utf8(rest).unwrap());
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+        let mut body = Body::new(http_body_util::StreamBody::new(tokio_stream_from(rx)));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"de"))))
+            .await
+            .unwrap();
+        drop(tx);
+        let head = Bytes::from_static(b"POST /u HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
+        let (h, whole) = exchange(&mut conn, &head, &mut body, ReqFraming::Chunked, 8192, T)
+            .await
+            .unwrap();
+        assert_eq!((h.status, whole), (StatusCode::NO_CONTENT, true));
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            "POST /u HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        );
+
+        // a body longer than its length is refused, not sent on
+        let mut conn = upstream(|mut s| async move {
+            let _ = s.read(&mut [0u8; 64]).await;
+        })
+        .await;
+        let mut body = Body::from("toolong");
+        let f = exchange(&mut conn, &head, &mut body, ReqFraming::Length(3), 8192, T)
+            .await
+            .unwrap_err();
+        assert_eq!(f.fate, Fate::Final);
+        assert!(
+            matches!(f.error, ExchangeError::RequestBody(_)),
+            "{:?}",
+            f.error
+        );
+    }
+
+    fn tokio_stream_from<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures::Stream<Item = T> + Send {
+        futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_ends_an_upload_that_is_never_finished() {
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            s.write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let mut sink = [0u8; 1024];
+            while s.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        // one chunk, then a body that never ends
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        let mut body = Body::new(http_body_util::StreamBody::new(tokio_stream_from(rx)));
+        let head = Bytes::from_static(b"PUT /u HTTP/1.1\r\ncontent-length: 1000\r\n\r\n");
+        let (h, whole) = exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            ReqFraming::Length(1000),
+            8192,
+            T,
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            !whole,
+            "the upload did not finish: the connection is not reused"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn no_response_head_in_time_is_a_timeout_and_final() {
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let f = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(f.error, ExchangeError::Timeout(_)),
+            "{:?}",
+            f.error
+        );
+        assert_eq!(f.fate, Fate::Final);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_under_a_request_says_how_far_it_got() {
+        // closed after the head arrived, before any answer: sent, nothing back
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+        })
+        .await;
+        let f = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(f.fate, Fate::Sent);
+        // half a head back, then closed: answered, never sent again
+        let mut conn = upstream(|mut s| async move {
+            read_head(&mut s).await;
+            s.write_all(b"HTTP/1.1 200 O").await.unwrap();
+        })
+        .await;
+        let f = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(f.fate, Fate::Final);
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_the_upstream_closed_is_not_open() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut conn = upstream(|s| async move {
+            rx.await.unwrap();
+            drop(s);
+        })
+        .await;
+        assert!(conn.is_idle_open());
+        tx.send(()).unwrap();
+        tokio::time::timeout(T, async {
+            while conn.is_idle_open() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the close was noticed within 10 s");
+    }
+}
