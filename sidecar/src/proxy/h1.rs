@@ -29,6 +29,7 @@
 //! (an error, a redirect to log in) is heard rather than deadlocked against.
 
 use crate::proxy::coarse_timer::Deadline;
+use crate::proxy::headers;
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, header};
@@ -120,34 +121,54 @@ impl ReqFraming {
     }
 }
 
-/// Serialises a request head: `method prefix+path_and_query HTTP/1.1`, every header but the
-/// client's framing headers (hop-by-hop ones are removed by the caller), then our framing.
+/// Serialises a request head: `method prefix+path_and_query HTTP/1.1`, `Host`, the headers
+/// except hop-by-hop ones (also those named in `Connection`) and the client's own `Host` and
+/// framing headers, then `Connection: upgrade` with `upgrade` when asked, and our framing.
+/// Filtering here rather than removing from the map first: the map is dropped afterwards, and
+/// a removal costs a hash lookup and a shift of the map's entries.
 pub fn encode_request_head(
     method: &Method,
     prefix: &str,
     path_and_query: &str,
+    host: &HeaderValue,
+    upgrade: Option<&HeaderValue>,
     headers: &HeaderMap,
     framing: ReqFraming,
 ) -> Bytes {
-    let mut size = method.as_str().len() + prefix.len() + path_and_query.len() + 64;
+    let mut size = method.as_str().len() + prefix.len() + path_and_query.len() + host.len() + 96;
     for (n, v) in headers {
         size += n.as_str().len() + v.len() + 4;
     }
+    let named = if headers.contains_key(header::CONNECTION) {
+        headers::connection_named(headers)
+    } else {
+        Vec::new()
+    };
     let mut b = Vec::with_capacity(size);
     b.extend_from_slice(method.as_str().as_bytes());
     b.push(b' ');
     b.extend_from_slice(prefix.as_bytes());
     b.extend_from_slice(path_and_query.as_bytes());
-    b.extend_from_slice(b" HTTP/1.1\r\n");
+    b.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    b.extend_from_slice(host.as_bytes());
+    b.extend_from_slice(b"\r\n");
     let mut had_length = false;
     for (n, v) in headers {
-        if n == header::CONTENT_LENGTH || n == header::TRANSFER_ENCODING {
-            had_length |= n == header::CONTENT_LENGTH;
+        if *n == header::CONTENT_LENGTH {
+            had_length = true;
+            continue;
+        }
+        if *n == header::HOST || headers::is_hop_by_hop(n) || named.contains(n) {
             continue;
         }
         b.extend_from_slice(n.as_str().as_bytes());
         b.extend_from_slice(b": ");
         b.extend_from_slice(v.as_bytes());
+        b.extend_from_slice(b"\r\n");
+    }
+    if let Some(proto) = upgrade {
+        b.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+        b.extend_from_slice(proto.as_bytes());
         b.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -184,7 +205,8 @@ fn push_decimal(b: &mut Vec<u8>, mut n: u64) {
 // ---------------------------------------------------------------------------------------------
 // Response head
 
-/// A parsed response head.
+/// A parsed response head, its hop-by-hop headers already removed (what they said about
+/// framing, reuse and upgrading is kept in the other fields).
 #[derive(Debug)]
 pub struct Head {
     pub status: StatusCode,
@@ -192,6 +214,12 @@ pub struct Head {
     pub headers: HeaderMap,
     /// The upstream lets the connection be reused after this response.
     pub keep_alive: bool,
+    /// The `Upgrade` header (a 101's protocol).
+    pub upgrade: Option<HeaderValue>,
+    /// `Transfer-Encoding` was sent; its last coding is `chunked`.
+    transfer_encoding: Option<bool>,
+    /// `Content-Length`, all values agreeing (`Err`: they did not, or one was not a number).
+    content_length: Option<Result<u64, &'static str>>,
 }
 
 /// Parses a response head at the start of `buf` and removes it from there. `Ok(None)`: not
@@ -235,35 +263,75 @@ pub fn parse_response_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head
         )
     };
     let status = StatusCode::from_u16(code).map_err(|_| "bad response status")?;
-    let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
-    let mut close = false;
-    let mut keep_alive = false;
-    for &(ns, nl, vs, vl) in &spans[..count] {
-        let name = &head[ns as usize..(ns + nl) as usize];
-        let name = HeaderName::from_bytes(name).map_err(|_| "bad response header name")?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..(vs + vl) as usize))
-            .map_err(|_| "bad response header value")?;
-        if name == header::CONNECTION {
-            for t in value.as_bytes().split(|&c| c == b',') {
-                let t = t.trim_ascii();
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
-        headers.append(name, value);
-    }
+    let raw = buf.split_to(len).freeze();
     let version = if minor == 0 {
         Version::HTTP_10
     } else {
         Version::HTTP_11
     };
-    Ok(Some(Head {
+    let mut head = Head {
         status,
         version,
-        headers,
-        keep_alive: !close && (version == Version::HTTP_11 || keep_alive),
-    }))
+        headers: HeaderMap::with_capacity(count),
+        keep_alive: false,
+        upgrade: None,
+        transfer_encoding: None,
+        content_length: None,
+    };
+    let (mut close, mut keep_alive) = (false, false);
+    let mut named: Vec<HeaderName> = Vec::new();
+    for &(ns, nl, vs, vl) in &spans[..count] {
+        let name = &raw[ns as usize..(ns + nl) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| "bad response header name")?;
+        let value = HeaderValue::from_maybe_shared(raw.slice(vs as usize..(vs + vl) as usize))
+            .map_err(|_| "bad response header value")?;
+        if name == header::CONTENT_LENGTH {
+            head.content_length = Some(content_length(head.content_length, value.as_bytes()));
+        } else if headers::is_hop_by_hop(&name) {
+            if name == header::CONNECTION {
+                for t in value.as_bytes().split(|&c| c == b',') {
+                    let t = t.trim_ascii();
+                    close |= t.eq_ignore_ascii_case(b"close");
+                    keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                }
+                named.extend(headers::connection_tokens(value.as_bytes()));
+            } else if name == header::TRANSFER_ENCODING {
+                // the last coding of the last value counts
+                let last = value.as_bytes().rsplit(|&c| c == b',').next();
+                head.transfer_encoding =
+                    Some(last.is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked")));
+            } else if name == header::UPGRADE {
+                head.upgrade = Some(value);
+            }
+            continue;
+        }
+        head.headers.append(name, value);
+    }
+    for n in named {
+        head.headers.remove(n);
+    }
+    head.keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    Ok(Some(head))
+}
+
+/// Folds one `Content-Length` value (possibly a list) into what earlier ones said.
+fn content_length(
+    before: Option<Result<u64, &'static str>>,
+    value: &[u8],
+) -> Result<u64, &'static str> {
+    let mut length = match before {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(n)) => Some(n),
+        None => None,
+    };
+    for part in value.split(|&c| c == b',') {
+        let n = parse_decimal(part.trim_ascii()).ok_or("bad response Content-Length")?;
+        if length.is_some_and(|l| l != n) {
+            return Err("conflicting response Content-Length values");
+        }
+        length = Some(n);
+    }
+    length.ok_or("bad response Content-Length")
 }
 
 /// How a response body is framed.
@@ -280,9 +348,9 @@ pub enum RespFraming {
 /// it whatever the upstream said.
 pub fn response_framing(
     head_request: bool,
-    status: StatusCode,
-    headers: &HeaderMap,
+    head: &Head,
 ) -> Result<(RespFraming, bool), &'static str> {
+    let status = head.status;
     if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -290,33 +358,18 @@ pub fn response_framing(
     {
         return Ok((RespFraming::Empty, false));
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
-        let last = te.last().map(HeaderValue::as_bytes).unwrap_or_default();
-        let chunked = last
-            .rsplit(|&c| c == b',')
-            .next()
-            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        let with_length = headers.contains_key(header::CONTENT_LENGTH);
+    if let Some(chunked) = head.transfer_encoding {
+        let with_length = head.content_length.is_some();
         return Ok(if chunked {
             (RespFraming::Chunked, with_length)
         } else {
             (RespFraming::Close, true)
         });
     }
-    let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&c| c == b',') {
-            let n = parse_decimal(part.trim_ascii()).ok_or("bad response Content-Length")?;
-            if length.is_some_and(|l| l != n) {
-                return Err("conflicting response Content-Length values");
-            }
-            length = Some(n);
-        }
-    }
-    Ok(match length {
-        Some(0) => (RespFraming::Empty, false),
-        Some(n) => (RespFraming::Length(n), false),
+    Ok(match head.content_length {
+        Some(Err(e)) => return Err(e),
+        Some(Ok(0)) => (RespFraming::Empty, false),
+        Some(Ok(n)) => (RespFraming::Length(n), false),
         None => (RespFraming::Close, true),
     })
 }
@@ -670,8 +723,10 @@ fn poll_head(
 // ---------------------------------------------------------------------------------------------
 // Response bodies
 
-/// Where a finished connection goes (the pool), called once its response has been read whole.
-pub type Checkin = Box<dyn FnOnce(Conn) + Send>;
+/// Where a finished connection goes (the pool), once its response has been read whole.
+pub trait Checkin: Send + Unpin + 'static {
+    fn put(self, conn: Conn);
+}
 
 enum BodyState {
     /// Read already (or empty): yielded once, then the end.
@@ -684,17 +739,17 @@ enum BodyState {
 
 /// A response body read from its upstream connection as the client takes it. Read to its end,
 /// a reusable connection goes to its check-in; dropped early, the connection is closed.
-pub struct ResponseBody {
+pub struct ResponseBody<C: Checkin> {
     conn: Option<Conn>,
     state: BodyState,
-    checkin: Option<Checkin>,
+    checkin: Option<C>,
 }
 
-impl ResponseBody {
+impl<C: Checkin> ResponseBody<C> {
     /// The body of a response framed as `framing` on `conn`; `checkin` is `None` when the
     /// connection must not be reused. A body already read whole is split off at once and the
     /// connection checked in before this returns.
-    pub fn new(mut conn: Conn, framing: RespFraming, checkin: Option<Checkin>) -> ResponseBody {
+    pub fn new(mut conn: Conn, framing: RespFraming, checkin: Option<C>) -> ResponseBody<C> {
         let state = match framing {
             RespFraming::Empty => BodyState::Ready(None),
             RespFraming::Length(n) if conn.rbuf.len() as u64 >= n => {
@@ -722,7 +777,7 @@ impl ResponseBody {
         if let (true, Some(conn), Some(checkin)) = (clean, conn, self.checkin.take())
             && conn.rbuf.is_empty()
         {
-            checkin(conn);
+            checkin.put(conn);
         }
     }
 
@@ -733,7 +788,7 @@ impl ResponseBody {
     }
 }
 
-impl HttpBody for ResponseBody {
+impl<C: Checkin> HttpBody for ResponseBody<C> {
     type Data = Bytes;
     type Error = io::Error;
 
@@ -835,19 +890,29 @@ mod tests {
     }
 
     #[test]
-    fn request_heads_carry_our_framing_not_the_clients() {
+    fn request_heads_carry_our_host_upgrade_and_framing_not_the_clients() {
         let mut h = HeaderMap::new();
-        h.insert(header::HOST, HeaderValue::from_static("up:1"));
+        h.insert(header::HOST, HeaderValue::from_static("client.example"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
         h.insert(
             header::TRANSFER_ENCODING,
             HeaderValue::from_static("chunked"),
         );
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Hop"),
+        );
+        h.insert("x-hop", HeaderValue::from_static("dropped"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.append("x-a", HeaderValue::from_static("1"));
         h.append("x-a", HeaderValue::from_static("2"));
-        let head_with =
-            |h: &HeaderMap, m: Method, f| text(&encode_request_head(&m, "/p", "/x?y", h, f));
-        let head = |m, f| head_with(&h, m, f);
+        let host = HeaderValue::from_static("up:1");
+        let ws = HeaderValue::from_static("websocket");
+        let head_with = |h: &HeaderMap, m: Method, up, f| {
+            text(&encode_request_head(&m, "/p", "/x?y", &host, up, h, f))
+        };
+        let head = |m, f| head_with(&h, m, None, f);
         assert_eq!(
             head(Method::PUT, ReqFraming::Length(12345)),
             "PUT /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\ncontent-length: 12345\r\n\r\n"
@@ -864,11 +929,12 @@ mod tests {
         let mut h = h.clone();
         h.remove(header::CONTENT_LENGTH);
         assert_eq!(
-            head_with(&h, Method::GET, ReqFraming::Empty),
-            "GET /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\n\r\n"
+            head_with(&h, Method::GET, Some(&ws), ReqFraming::Empty),
+            "GET /p/x?y HTTP/1.1\r\nhost: up:1\r\nx-a: 1\r\nx-a: 2\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
         );
         assert!(
-            head_with(&h, Method::POST, ReqFraming::Empty).ends_with("content-length: 0\r\n\r\n")
+            head_with(&h, Method::POST, None, ReqFraming::Empty)
+                .ends_with("x-a: 2\r\ncontent-length: 0\r\n\r\n")
         );
         let mut b = Vec::new();
         for n in [0, 7, 10, 1_073_741_824, u64::MAX] {
@@ -938,67 +1004,64 @@ mod tests {
 
     #[test]
     fn response_framing_table() {
-        let map = |pairs: &[(&str, &str)]| {
-            let mut h = HeaderMap::new();
-            for (n, v) in pairs {
-                h.append(
-                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                );
-            }
-            h
-        };
-        let f = |head, code, pairs: &[(&str, &str)]| {
-            response_framing(head, StatusCode::from_u16(code).unwrap(), &map(pairs))
+        let f = |head_request, code: u16, headers: &str| {
+            let raw = format!("HTTP/1.1 {code} X\r\n{headers}\r\n");
+            let head = parse_response_head(&mut BytesMut::from(raw.as_str()), 8192)
+                .unwrap()
+                .unwrap();
+            response_framing(head_request, &head)
         };
         use RespFraming::*;
-        assert_eq!(f(true, 200, &[("content-length", "9")]), Ok((Empty, false)));
-        assert_eq!(f(false, 204, &[]), Ok((Empty, false)));
+        assert_eq!(f(true, 200, "content-length: 9\r\n"), Ok((Empty, false)));
+        assert_eq!(f(false, 204, ""), Ok((Empty, false)));
+        assert_eq!(f(false, 304, "content-length: 9\r\n"), Ok((Empty, false)));
         assert_eq!(
-            f(false, 304, &[("content-length", "9")]),
-            Ok((Empty, false))
+            f(false, 200, "content-length: 9\r\n"),
+            Ok((Length(9), false))
         );
+        assert_eq!(f(false, 200, "content-length: 0\r\n"), Ok((Empty, false)));
         assert_eq!(
-            f(false, 200, &[("content-length", "9")]),
+            f(false, 200, "content-length: 9, 9\r\n"),
             Ok((Length(9), false))
         );
         assert_eq!(
-            f(false, 200, &[("content-length", "0")]),
-            Ok((Empty, false))
-        );
-        assert_eq!(
-            f(false, 200, &[("content-length", "9, 9")]),
+            f(false, 200, "content-length: 9\r\ncontent-length: 9\r\n"),
             Ok((Length(9), false))
         );
+        assert!(f(false, 200, "content-length: 9, 8\r\n").is_err());
+        assert!(f(false, 200, "content-length: 9\r\ncontent-length: 8\r\n").is_err());
+        assert!(f(false, 200, "content-length: -1\r\n").is_err());
+        assert!(f(false, 200, "content-length: +9\r\n").is_err());
+        assert!(f(false, 200, "content-length: \r\n").is_err());
         assert_eq!(
-            f(
-                false,
-                200,
-                &[("content-length", "9"), ("content-length", "9")]
-            ),
-            Ok((Length(9), false))
-        );
-        assert!(f(false, 200, &[("content-length", "9, 8")]).is_err());
-        assert!(f(false, 200, &[("content-length", "-1")]).is_err());
-        assert!(f(false, 200, &[("content-length", "+9")]).is_err());
-        assert_eq!(
-            f(false, 200, &[("transfer-encoding", "gzip, Chunked")]),
+            f(false, 200, "transfer-encoding: gzip, Chunked\r\n"),
             Ok((Chunked, false))
         );
         assert_eq!(
-            f(false, 200, &[("transfer-encoding", "chunked, gzip")]),
+            f(false, 200, "transfer-encoding: chunked, gzip\r\n"),
             Ok((Close, true))
         );
         assert_eq!(
             f(
                 false,
                 200,
-                &[("transfer-encoding", "chunked"), ("content-length", "9")]
+                "transfer-encoding: chunked\r\ncontent-length: 9\r\n"
             ),
             Ok((Chunked, true)),
             "both: chunked, and the connection is not reused"
         );
-        assert_eq!(f(false, 200, &[]), Ok((Close, true)));
+        assert_eq!(f(false, 200, ""), Ok((Close, true)));
+    }
+
+    #[test]
+    fn response_heads_lose_their_hop_by_hop_headers() {
+        let raw = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTrailer: x\r\nX-Kept: 2\r\n\r\n";
+        let h = parse_response_head(&mut BytesMut::from(raw), 8192)
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.upgrade.as_ref().unwrap(), "websocket");
+        let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
     }
 
     const CHUNKED: &[u8] = b"5;ext=1\r\nhello\r\n6 \r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
@@ -1098,7 +1161,7 @@ mod tests {
     }
 
     /// Collects a body, and reports what was checked in.
-    async fn collect(b: ResponseBody) -> Vec<u8> {
+    async fn collect(b: ResponseBody<Slot>) -> Vec<u8> {
         http_body_util::BodyExt::collect(b)
             .await
             .unwrap()
@@ -1106,10 +1169,18 @@ mod tests {
             .to_vec()
     }
 
-    fn checkin() -> (Option<Checkin>, Arc<Mutex<Option<Conn>>>) {
+    /// Keeps what is checked in.
+    struct Slot(Arc<Mutex<Option<Conn>>>);
+
+    impl Checkin for Slot {
+        fn put(self, conn: Conn) {
+            *self.0.lock().unwrap() = Some(conn);
+        }
+    }
+
+    fn checkin() -> (Option<Slot>, Arc<Mutex<Option<Conn>>>) {
         let slot = Arc::new(Mutex::new(None));
-        let s = slot.clone();
-        (Some(Box::new(move |c| *s.lock().unwrap() = Some(c))), slot)
+        (Some(Slot(slot.clone())), slot)
     }
 
     #[tokio::test]
@@ -1136,7 +1207,7 @@ mod tests {
         .unwrap();
         assert_eq!(h.status, StatusCode::OK, "100 Continue skipped");
         assert!(whole);
-        let (framing, close) = response_framing(false, h.status, &h.headers).unwrap();
+        let (framing, close) = response_framing(false, &h).unwrap();
         let (ci, slot) = checkin();
         let body = ResponseBody::new(conn, framing, (!close).then_some(ci).flatten());
         assert!(
@@ -1170,7 +1241,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let (framing, _) = response_framing(false, h.status, &h.headers).unwrap();
+        let (framing, _) = response_framing(false, &h).unwrap();
         let (ci, slot) = checkin();
         let mut body = ResponseBody::new(conn, framing, ci);
         let first = http_body_util::BodyExt::frame(&mut body)
@@ -1207,7 +1278,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let (framing, close) = response_framing(false, h.status, &h.headers).unwrap();
+        let (framing, close) = response_framing(false, &h).unwrap();
         assert!(close);
         let (ci, slot) = checkin();
         assert_eq!(
@@ -1236,7 +1307,7 @@ mod tests {
         )
         .await
         .unwrap();
-        let (framing, _) = response_framing(false, h.status, &h.headers).unwrap();
+        let (framing, _) = response_framing(false, &h).unwrap();
         let (ci, slot) = checkin();
         let r = http_body_util::BodyExt::collect(ResponseBody::new(conn, framing, ci)).await;
         assert!(r.is_err());

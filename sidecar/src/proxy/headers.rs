@@ -7,19 +7,19 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the legacy
-/// `Proxy-Connection` and `Keep-Alive`.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authorization"
-    )
+/// `Proxy-Connection` and `Keep-Alive`. (Compared as names, not strings: the standard ones are
+/// an enum compare each.)
+pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == KEEP_ALIVE
+        || *name == PROXY_CONNECTION
 }
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -147,30 +147,35 @@ fn forwarded_for(h: &HeaderMap) -> Vec<IpAddr> {
 
 /// Removes hop-by-hop headers, including those named in `Connection`.
 pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    // Usually `Connection` names only `keep-alive`, `close` or `upgrade`, which are removed
-    // below anyway: a header name is only parsed for other tokens.
-    let mut named: Vec<HeaderName> = Vec::new();
-    for v in h.get_all(header::CONNECTION) {
-        let Ok(v) = v.to_str() else { continue };
-        for t in v.split(',').map(str::trim) {
-            if t.is_empty()
-                || ["keep-alive", "close", "upgrade"]
-                    .iter()
-                    .any(|k| t.eq_ignore_ascii_case(k))
-            {
-                continue;
-            }
-            if let Ok(n) = HeaderName::from_bytes(t.as_bytes())
-                && !is_hop_by_hop(&n)
-            {
-                named.push(n);
-            }
-        }
-    }
-    for n in named {
+    for n in connection_named(h) {
         h.remove(n);
     }
     remove_matching(h, is_hop_by_hop);
+}
+
+/// The other headers a `Connection` header names as hop-by-hop (usually none: it names only
+/// `keep-alive`, `close` or `upgrade`, which are hop-by-hop anyway, and nothing is allocated).
+pub fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in h.get_all(header::CONNECTION) {
+        named.extend(connection_tokens(v.as_bytes()));
+    }
+    named
+}
+
+/// The header names among the tokens of one `Connection` value, other than `keep-alive`,
+/// `close`, `upgrade` and the hop-by-hop headers themselves.
+pub fn connection_tokens(v: &[u8]) -> impl Iterator<Item = HeaderName> + '_ {
+    v.split(|&c| c == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && ![&b"keep-alive"[..], b"close", b"upgrade"]
+                    .iter()
+                    .any(|k| t.eq_ignore_ascii_case(k))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .filter(|n| !is_hop_by_hop(n))
 }
 
 /// The `Upgrade` protocol of a request that asks to switch protocols (e.g. `websocket`).

@@ -92,7 +92,15 @@ impl Checkin {
     pub fn put(self, conn: Conn) {
         self.put_at(conn, Instant::now());
     }
+}
 
+impl crate::proxy::h1::Checkin for Checkin {
+    fn put(self, conn: Conn) {
+        Checkin::put(self, conn);
+    }
+}
+
+impl Checkin {
     /// Checks in as idle since `at`, which is also "now" for dropping expired neighbours
     /// (one clock read per check-in).
     fn put_at(self, conn: Conn, at: Instant) {

@@ -135,7 +135,7 @@ pub struct Upstream {
 }
 
 /// A response from upstream whose body reads from the connection it came on.
-pub type PooledBody = h1::ResponseBody;
+pub type PooledBody = h1::ResponseBody<pool::Checkin>;
 
 impl Upstream {
     pub fn new(t: &ProxyTuning) -> Upstream {
@@ -155,14 +155,15 @@ impl Upstream {
             &url::Url::parse(&req.uri().to_string())
                 .map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
         )?;
-        let (mut parts, body) = req.into_parts();
-        parts.headers.insert(header::HOST, base.host.clone());
-        // the URL's own path is the request's, not a prefix
+        let (parts, body) = req.into_parts();
         let framing = ReqFraming::of(&body);
+        // the URL's own path is the request's, not a prefix
         let head = h1::encode_request_head(
             &parts.method,
             "",
             target(&parts.uri),
+            &base.host,
+            None,
             &parts.headers,
             framing,
         );
@@ -189,17 +190,18 @@ impl Upstream {
     ) -> Result<Response<Body>, UpstreamError> {
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let h = &mut parts.headers;
-        headers::remove_hop_by_hop(h);
-        if let Some(proto) = &upgrade {
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, proto.clone());
-        }
-        h.insert(header::HOST, base.host.clone());
+        let (parts, body) = req.into_parts();
         let framing = ReqFraming::of(&body);
-        let head =
-            h1::encode_request_head(&parts.method, &base.prefix, target(&parts.uri), h, framing);
+        // hop-by-hop headers are left out here, and Host and Upgrade set
+        let head = h1::encode_request_head(
+            &parts.method,
+            &base.prefix,
+            target(&parts.uri),
+            &base.host,
+            upgrade.as_ref(),
+            &parts.headers,
+            framing,
+        );
         // A request without a body that is safe to repeat can be sent again when a pooled
         // connection turns out to be dead (the upstream closed it as we reused it).
         let replayable =
@@ -217,10 +219,10 @@ impl Upstream {
             };
             return Ok(tunnel(conn, resp, client_upgrade, upgrade));
         }
-        let resp = self.response(base, conn, resp, sent_whole, is_head)?;
-        let (mut parts, body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::new(body)))
+        // hop-by-hop headers were left out of the parsed head
+        Ok(self
+            .response(base, conn, resp, sent_whole, is_head)?
+            .map(Body::new))
     }
 
     /// The response of an exchange, its body reading from `conn`.
@@ -232,14 +234,11 @@ impl Upstream {
         sent_whole: bool,
         is_head: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
-        let (framing, must_close) = h1::response_framing(is_head, head.status, &head.headers)
+        let (framing, must_close) = h1::response_framing(is_head, &head)
             .map_err(|e| UpstreamError::Other(format!("bad response: {e}")))?;
-        let checkin: Option<h1::Checkin> =
-            (head.keep_alive && sent_whole && !must_close).then(|| {
-                let c =
-                    pool::Checkin::new(self.id, base.origin.clone(), self.tuning.pool_idle_timeout);
-                Box::new(move |conn| c.put(conn)) as h1::Checkin
-            });
+        let checkin = (head.keep_alive && sent_whole && !must_close).then(|| {
+            pool::Checkin::new(self.id, base.origin.clone(), self.tuning.pool_idle_timeout)
+        });
         let mut resp = Response::new(h1::ResponseBody::new(conn, framing, checkin));
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
@@ -350,11 +349,10 @@ fn tunnel(
             tracing::debug!("upgraded connection ended: {e}");
         }
     });
+    // hop-by-hop headers were left out of the parsed head
     let mut headers = head.headers;
-    let proto = headers.get(header::UPGRADE).cloned();
-    headers::remove_hop_by_hop(&mut headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Some(p) = proto.or(asked) {
+    if let Some(p) = head.upgrade.or(asked) {
         headers.insert(header::UPGRADE, p);
     }
     let mut resp = Response::new(Body::empty());
@@ -393,6 +391,8 @@ mod tests {
                 &Method::GET,
                 &base.prefix,
                 target(&uri),
+                &HeaderValue::from_static("h"),
+                None,
                 &http::HeaderMap::new(),
                 ReqFraming::Empty,
             );
@@ -402,17 +402,17 @@ mod tests {
             UpstreamBase::new(&url::Url::parse("http://127.0.0.1:9000/prefix/").unwrap()).unwrap();
         assert_eq!(
             head(&base, "/a/b?c=d"),
-            "GET /prefix/a/b?c=d HTTP/1.1\r\n\r\n"
+            "GET /prefix/a/b?c=d HTTP/1.1\r\nhost: h\r\n\r\n"
         );
         assert_eq!(base.host, "127.0.0.1:9000");
         let base = UpstreamBase::new(&url::Url::parse("http://[::1]:9000").unwrap()).unwrap();
-        assert_eq!(head(&base, "/x"), "GET /x HTTP/1.1\r\n\r\n");
+        assert_eq!(head(&base, "/x"), "GET /x HTTP/1.1\r\nhost: h\r\n\r\n");
         assert_eq!(base.host, "[::1]:9000");
         assert_eq!(base.origin.to_string(), "http://[::1]:9000/");
         // absolute form from the client: only its path and query go upstream
         assert_eq!(
             head(&base, "http://elsewhere/y?z"),
-            "GET /y?z HTTP/1.1\r\n\r\n"
+            "GET /y?z HTTP/1.1\r\nhost: h\r\n\r\n"
         );
     }
 }
