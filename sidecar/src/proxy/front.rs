@@ -21,6 +21,7 @@ use crate::accel::Intercept;
 use crate::context::{PrimaryWatch, PushSink, SiteContext};
 use crate::forge::EmbeddedForge;
 use crate::forge::report_status::PushDetectBody;
+use crate::proxy::h1::Hop;
 use crate::proxy::headers::{self, TrustedProxies};
 use crate::proxy::metrics::{ProxyMetrics, RequestLabels, UpstreamErrorLabels};
 use crate::proxy::route::{self, Target};
@@ -28,7 +29,7 @@ use crate::proxy::upstream::{Upstream, UpstreamBase, UpstreamError};
 use axum::body::Body;
 use geoforge_crds::auth::{PROXY_EXTRA_DATA_HEADER, PROXY_HEADER, Scope};
 use geoforge_crds::geosite::SiteRole;
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,6 +40,8 @@ use tracing::Instrument;
 pub const EXTRA_DATA_CACHE: Duration = Duration::from_secs(5);
 /// `Retry-After` of 503s when the primary is unreachable or unknown.
 const RETRY_AFTER_SECS: u64 = 10;
+const PROXY_HEADER_NAME: HeaderName = HeaderName::from_static(PROXY_HEADER);
+const PROXY_EXTRA_DATA_HEADER_NAME: HeaderName = HeaderName::from_static(PROXY_EXTRA_DATA_HEADER);
 
 /// The forge behind a primary or disabled site.
 pub enum ForgeBackend {
@@ -294,7 +297,7 @@ impl Front {
 
     async fn serve_forge(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         ingress: &Ingress,
         route_name: &'static str,
     ) -> Response<Body> {
@@ -310,12 +313,17 @@ impl Front {
             }
         };
         let json = crate::http_util::wants_json(req.headers());
-        self.add_forwarding(&mut req, ingress);
-        let path = req.uri().path().to_string();
-        let is_push = route_name == "git_receive_pack" && req.method() == http::Method::POST;
-        match self.upstream.forward(req, forge).await {
-            Ok(resp) => match &self.push_sink {
-                Some(sink) if is_push && resp.status() == StatusCode::OK => {
+        let forwarding = self.forwarding(&req, ingress);
+        let hop = Hop {
+            forwarding: Some(&forwarding),
+            extra: &[],
+        };
+        // only a push's path is kept (for its event)
+        let push_path = (route_name == "git_receive_pack" && req.method() == http::Method::POST)
+            .then(|| req.uri().path().to_string());
+        match self.upstream.forward(req, forge, hop).await {
+            Ok(resp) => match (&self.push_sink, push_path) {
+                (Some(sink), Some(path)) if resp.status() == StatusCode::OK => {
                     let (parts, body) = resp.into_parts();
                     Response::from_parts(
                         parts,
@@ -333,7 +341,7 @@ impl Front {
 
     async fn serve_primary(
         &self,
-        mut req: Request<Body>,
+        req: Request<Body>,
         ingress: &Ingress,
         route: Result<Arc<PrimaryRoute>, UpstreamError>,
     ) -> Response<Body> {
@@ -345,13 +353,27 @@ impl Front {
                 return primary_unavailable_json(json, "the primary site is unreachable");
             }
         };
-        self.add_forwarding(&mut req, ingress);
-        let h = req.headers_mut();
-        h.insert(PROXY_HEADER, HeaderValue::from_static("1"));
-        if let Some(v) = self.extra_data_for(&route) {
-            h.insert(PROXY_EXTRA_DATA_HEADER, v);
-        }
-        match self.upstream.forward(req, &route.base).await {
+        let forwarding = self.forwarding(&req, ingress);
+        let (with_token, marker_only);
+        let extra: &[(HeaderName, HeaderValue)] = match self.extra_data_for(&route) {
+            Some(token) => {
+                with_token = [
+                    (PROXY_HEADER_NAME, HeaderValue::from_static("1")),
+                    (PROXY_EXTRA_DATA_HEADER_NAME, token),
+                ];
+                &with_token
+            }
+            // no audience known: the marker alone
+            None => {
+                marker_only = [(PROXY_HEADER_NAME, HeaderValue::from_static("1"))];
+                &marker_only
+            }
+        };
+        let hop = Hop {
+            forwarding: Some(&forwarding),
+            extra,
+        };
+        match self.upstream.forward(req, &route.base, hop).await {
             Ok(mut resp) => {
                 headers::rewrite_response(
                     resp.headers_mut(),
@@ -393,21 +415,24 @@ impl Front {
         Ok(route)
     }
 
-    fn add_forwarding(&self, req: &mut Request<Body>, ingress: &Ingress) {
-        // a clone of the value (a reference count), so the map can be changed
-        let host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
-        headers::add_forwarding(
-            req.headers_mut(),
-            &headers::ForwardInfo {
-                peer: ingress.peer,
-                host: host.as_ref(),
-                proto: "http",
-            },
-        );
+    /// This hop's forwarding headers for `req`.
+    fn forwarding(&self, req: &Request<Body>, ingress: &Ingress) -> headers::Forwarding {
+        let authority; // an HTTP/2 request names its host in the URI
+        let host = match req.headers().get(header::HOST) {
+            Some(h) => Some(h),
+            None => {
+                authority = req
+                    .uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                authority.as_ref()
+            }
+        };
+        headers::Forwarding::new(&headers::ForwardInfo {
+            peer: ingress.peer,
+            host,
+            proto: "http",
+        })
     }
 
     fn upstream_error(&self, target: &'static str, e: &UpstreamError) {

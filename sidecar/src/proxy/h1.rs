@@ -121,71 +121,119 @@ impl ReqFraming {
     }
 }
 
-/// Serialises a request head: `method prefix+path_and_query HTTP/1.1`, `Host`, the headers
-/// except hop-by-hop ones (also those named in `Connection`) and the client's own `Host` and
-/// framing headers, then `Connection: upgrade` with `upgrade` when asked, and our framing.
-/// Filtering here rather than removing from the map first: the map is dropped afterwards, and
-/// a removal costs a hash lookup and a shift of the map's entries.
-pub fn encode_request_head(
-    method: &Method,
-    prefix: &str,
-    path_and_query: &str,
-    host: &HeaderValue,
-    upgrade: Option<&HeaderValue>,
-    headers: &HeaderMap,
-    framing: ReqFraming,
-) -> Bytes {
-    let mut size = method.as_str().len() + prefix.len() + path_and_query.len() + host.len() + 96;
-    for (n, v) in headers {
-        size += n.as_str().len() + v.len() + 4;
-    }
-    let named = if headers.contains_key(header::CONNECTION) {
-        headers::connection_named(headers)
-    } else {
-        Vec::new()
-    };
-    let mut b = Vec::with_capacity(size);
-    b.extend_from_slice(method.as_str().as_bytes());
-    b.push(b' ');
-    b.extend_from_slice(prefix.as_bytes());
-    b.extend_from_slice(path_and_query.as_bytes());
-    b.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    b.extend_from_slice(host.as_bytes());
-    b.extend_from_slice(b"\r\n");
-    let mut had_length = false;
-    for (n, v) in headers {
-        if *n == header::CONTENT_LENGTH {
-            had_length = true;
-            continue;
+/// What this hop adds to a request on its way upstream.
+#[derive(Default, Clone, Copy)]
+pub struct Hop<'a> {
+    /// `X-Forwarded-*` and `Forwarded` (none for the sidecar's own requests).
+    pub forwarding: Option<&'a headers::Forwarding>,
+    /// Headers the sidecar sets (the Geo proxy headers; ingress removed any a client sent).
+    pub extra: &'a [(HeaderName, HeaderValue)],
+}
+
+/// An upstream request head, before it is serialised.
+pub struct RequestHead<'a> {
+    pub method: &'a Method,
+    /// The upstream URL's path prefix, then the request's path and query.
+    pub prefix: &'a str,
+    pub path_and_query: &'a str,
+    pub host: &'a HeaderValue,
+    /// The protocol the client asked to switch to.
+    pub upgrade: Option<&'a HeaderValue>,
+    pub headers: &'a HeaderMap,
+    pub hop: Hop<'a>,
+    pub framing: ReqFraming,
+}
+
+impl RequestHead<'_> {
+    /// Serialises the head: `method prefix+path_and_query HTTP/1.1`, `Host`, the client's
+    /// headers except hop-by-hop ones (also those named in `Connection`), its `Host`, its
+    /// framing headers and the forwarding headers this hop writes anew; then the hop's
+    /// headers, `Connection: upgrade` with the protocol when asked, and our framing.
+    /// Filtering here rather than removing from the map first: the map is dropped afterwards,
+    /// and a removal costs a hash lookup and a shift of the map's entries.
+    pub fn encode(&self) -> Bytes {
+        let RequestHead {
+            method,
+            prefix,
+            path_and_query,
+            host,
+            upgrade,
+            headers,
+            hop,
+            framing,
+        } = *self;
+        let mut size = method.as_str().len() + prefix.len() + path_and_query.len() + host.len();
+        size += 256
+            + hop
+                .extra
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        for (n, v) in headers {
+            size += n.as_str().len() + v.len() + 4;
         }
-        if *n == header::HOST || headers::is_hop_by_hop(n) || named.contains(n) {
-            continue;
-        }
-        b.extend_from_slice(n.as_str().as_bytes());
-        b.extend_from_slice(b": ");
-        b.extend_from_slice(v.as_bytes());
+        let named = if headers.contains_key(header::CONNECTION) {
+            headers::connection_named(headers)
+        } else {
+            Vec::new()
+        };
+        let mut b = Vec::with_capacity(size);
+        b.extend_from_slice(method.as_str().as_bytes());
+        b.push(b' ');
+        b.extend_from_slice(prefix.as_bytes());
+        b.extend_from_slice(path_and_query.as_bytes());
+        b.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        b.extend_from_slice(host.as_bytes());
         b.extend_from_slice(b"\r\n");
-    }
-    if let Some(proto) = upgrade {
-        b.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
-        b.extend_from_slice(proto.as_bytes());
-        b.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        ReqFraming::Empty => {
-            if had_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
-                b.extend_from_slice(b"content-length: 0\r\n");
+        let mut had_length = false;
+        let mut forwarded_seen = false;
+        for (n, v) in headers {
+            if *n == header::CONTENT_LENGTH {
+                had_length = true;
+                continue;
             }
+            if hop.forwarding.is_some() && headers::Forwarding::replaces(n) {
+                forwarded_seen = true;
+                continue;
+            }
+            if *n == header::HOST || headers::is_hop_by_hop(n) || named.contains(n) {
+                continue;
+            }
+            push_line(&mut b, n, v.as_bytes());
         }
-        ReqFraming::Length(n) => {
-            b.extend_from_slice(b"content-length: ");
-            push_decimal(&mut b, n);
-            b.extend_from_slice(b"\r\n");
+        if let Some(f) = hop.forwarding {
+            f.write(headers, forwarded_seen, &mut b);
         }
-        ReqFraming::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        for (n, v) in hop.extra {
+            push_line(&mut b, n, v.as_bytes());
+        }
+        if let Some(proto) = upgrade {
+            b.extend_from_slice(b"connection: upgrade\r\n");
+            push_line(&mut b, &header::UPGRADE, proto.as_bytes());
+        }
+        match framing {
+            ReqFraming::Empty => {
+                if had_length || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+                    b.extend_from_slice(b"content-length: 0\r\n");
+                }
+            }
+            ReqFraming::Length(n) => {
+                b.extend_from_slice(b"content-length: ");
+                push_decimal(&mut b, n);
+                b.extend_from_slice(b"\r\n");
+            }
+            ReqFraming::Chunked => b.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        }
+        b.extend_from_slice(b"\r\n");
+        Bytes::from(b)
     }
+}
+
+fn push_line(b: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    b.extend_from_slice(name.as_str().as_bytes());
+    b.extend_from_slice(b": ");
+    b.extend_from_slice(value);
     b.extend_from_slice(b"\r\n");
-    Bytes::from(b)
 }
 
 fn push_decimal(b: &mut Vec<u8>, mut n: u64) {
@@ -910,7 +958,19 @@ mod tests {
         let host = HeaderValue::from_static("up:1");
         let ws = HeaderValue::from_static("websocket");
         let head_with = |h: &HeaderMap, m: Method, up, f| {
-            text(&encode_request_head(&m, "/p", "/x?y", &host, up, h, f))
+            text(
+                &RequestHead {
+                    method: &m,
+                    prefix: "/p",
+                    path_and_query: "/x?y",
+                    host: &host,
+                    upgrade: up,
+                    headers: h,
+                    hop: Hop::default(),
+                    framing: f,
+                }
+                .encode(),
+            )
         };
         let head = |m, f| head_with(&h, m, None, f);
         assert_eq!(

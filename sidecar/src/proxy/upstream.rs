@@ -2,7 +2,7 @@
 //! both directions, timeouts, one retry of an idempotent request on a stale pooled connection,
 //! and HTTP Upgrade (WebSocket) tunnelling.
 
-use crate::proxy::h1::{self, Conn, Fate, ReqFraming};
+use crate::proxy::h1::{self, Conn, Fate, Hop, ReqFraming, RequestHead};
 use crate::proxy::headers;
 use crate::proxy::pool;
 use axum::body::Body;
@@ -158,15 +158,17 @@ impl Upstream {
         let (parts, body) = req.into_parts();
         let framing = ReqFraming::of(&body);
         // the URL's own path is the request's, not a prefix
-        let head = h1::encode_request_head(
-            &parts.method,
-            "",
-            target(&parts.uri),
-            &base.host,
-            None,
-            &parts.headers,
+        let head = RequestHead {
+            method: &parts.method,
+            prefix: "",
+            path_and_query: target(&parts.uri),
+            host: &base.host,
+            upgrade: None,
+            headers: &parts.headers,
+            hop: Hop::default(),
             framing,
-        );
+        }
+        .encode();
         let replayable = is_idempotent(&parts.method) && framing == ReqFraming::Empty;
         let is_head = parts.method == Method::HEAD;
         let (conn, resp, sent_whole) = self
@@ -180,28 +182,31 @@ impl Upstream {
         self.response(&base, conn, resp, sent_whole, is_head)
     }
 
-    /// Forwards `req` (already cleaned at ingress, forwarding headers set) to `base` + its path.
+    /// Forwards `req` (already cleaned at ingress) with what `hop` adds to `base` + its path.
     /// Removes hop-by-hop headers both ways, sets `Host` to the upstream, streams bodies, and
     /// tunnels an accepted Upgrade.
     pub async fn forward(
         &self,
         mut req: Request<Body>,
         base: &UpstreamBase,
+        hop: Hop<'_>,
     ) -> Result<Response<Body>, UpstreamError> {
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
         let framing = ReqFraming::of(&body);
         // hop-by-hop headers are left out here, and Host and Upgrade set
-        let head = h1::encode_request_head(
-            &parts.method,
-            &base.prefix,
-            target(&parts.uri),
-            &base.host,
-            upgrade.as_ref(),
-            &parts.headers,
+        let head = RequestHead {
+            method: &parts.method,
+            prefix: &base.prefix,
+            path_and_query: target(&parts.uri),
+            host: &base.host,
+            upgrade: upgrade.as_ref(),
+            headers: &parts.headers,
+            hop,
             framing,
-        );
+        }
+        .encode();
         // A request without a body that is safe to repeat can be sent again when a pooled
         // connection turns out to be dead (the upstream closed it as we reused it).
         let replayable =
@@ -387,15 +392,17 @@ mod tests {
     fn request_target_with_and_without_prefix() {
         let head = |base: &UpstreamBase, uri: &str| {
             let uri: Uri = uri.parse().unwrap();
-            let h = h1::encode_request_head(
-                &Method::GET,
-                &base.prefix,
-                target(&uri),
-                &HeaderValue::from_static("h"),
-                None,
-                &http::HeaderMap::new(),
-                ReqFraming::Empty,
-            );
+            let h = RequestHead {
+                method: &Method::GET,
+                prefix: &base.prefix,
+                path_and_query: target(&uri),
+                host: &HeaderValue::from_static("h"),
+                upgrade: None,
+                headers: &http::HeaderMap::new(),
+                hop: Hop::default(),
+                framing: ReqFraming::Empty,
+            }
+            .encode();
             String::from_utf8(h.to_vec()).unwrap()
         };
         let base =
