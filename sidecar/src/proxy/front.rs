@@ -83,6 +83,8 @@ struct Ingress {
     client: IpAddr,
     /// The secondary that proxied this request (verified extra data).
     via_site: Option<String>,
+    /// Sent upstream as `X-Request-Id` (the client's own when it sent a valid one).
+    request_id: HeaderValue,
 }
 
 impl Front {
@@ -182,7 +184,7 @@ impl Front {
         if let Some(resp) = framing_check(&req, self.ctx.config.proxy.max_header_bytes) {
             return ("local", resp);
         }
-        let ingress = self.ingress(&mut req, peer.ip());
+        let ingress = self.ingress(&mut req, peer.ip(), request_id);
         if tracing::level_enabled!(tracing::Level::INFO) {
             let span = tracing::Span::current();
             span.record("client", tracing::field::display(ingress.client));
@@ -190,7 +192,6 @@ impl Front {
                 span.record("via", tracing::field::display(site));
             }
         }
-        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         // 2. pick target
         // the watch's guard is a lock: resolved (from a cache) and released right away
         let primary = self.primary.as_ref().and_then(|w| {
@@ -245,7 +246,7 @@ impl Front {
     }
 
     /// Ingress header hygiene (DESIGN §2); see the module docs.
-    fn ingress(&self, req: &mut Request<Body>, peer: IpAddr) -> Ingress {
+    fn ingress(&self, req: &mut Request<Body>, peer: IpAddr, request_id: &HeaderValue) -> Ingress {
         let peer = headers::canonical(peer);
         let h = req.headers_mut();
         let mut via_site = None;
@@ -280,6 +281,7 @@ impl Front {
             peer,
             client,
             via_site,
+            request_id: request_id.clone(),
         }
     }
 
@@ -316,6 +318,7 @@ impl Front {
         let forwarding = self.forwarding(&req, ingress);
         let hop = Hop {
             forwarding: Some(&forwarding),
+            request_id: Some(&ingress.request_id),
             extra: &[],
         };
         // only a push's path is kept (for its event)
@@ -371,6 +374,7 @@ impl Front {
         };
         let hop = Hop {
             forwarding: Some(&forwarding),
+            request_id: Some(&ingress.request_id),
             extra,
         };
         match self.upstream.forward(req, &route.base, hop).await {
@@ -544,7 +548,7 @@ fn framing_check(req: &Request<Body>, max_header_bytes: usize) -> Option<Respons
     None
 }
 
-const X_REQUEST_ID: header::HeaderName = header::HeaderName::from_static("x-request-id");
+use headers::X_REQUEST_ID;
 
 /// `x-request-id` from the client when sane, else a fresh one.
 fn request_id(h: &http::HeaderMap) -> HeaderValue {

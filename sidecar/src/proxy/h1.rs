@@ -126,6 +126,8 @@ impl ReqFraming {
 pub struct Hop<'a> {
     /// `X-Forwarded-*` and `Forwarded` (none for the sidecar's own requests).
     pub forwarding: Option<&'a headers::Forwarding>,
+    /// `X-Request-Id`, replacing the client's.
+    pub request_id: Option<&'a HeaderValue>,
     /// Headers the sidecar sets (the Geo proxy headers; ingress removed any a client sent).
     pub extra: &'a [(HeaderName, HeaderValue)],
 }
@@ -196,6 +198,9 @@ impl RequestHead<'_> {
                 forwarded_seen = true;
                 continue;
             }
+            if hop.request_id.is_some() && *n == headers::X_REQUEST_ID {
+                continue;
+            }
             if *n == header::HOST || headers::is_hop_by_hop(n) || named.contains(n) {
                 continue;
             }
@@ -203,6 +208,9 @@ impl RequestHead<'_> {
         }
         if let Some(f) = hop.forwarding {
             f.write(headers, forwarded_seen, &mut b);
+        }
+        if let Some(id) = hop.request_id {
+            push_line(&mut b, &headers::X_REQUEST_ID, id.as_bytes());
         }
         for (n, v) in hop.extra {
             push_line(&mut b, n, v.as_bytes());
@@ -1002,6 +1010,46 @@ mod tests {
             push_decimal(&mut b, n);
             assert_eq!(b, n.to_string().as_bytes());
         }
+    }
+
+    #[test]
+    fn the_hops_own_headers_replace_the_clients() {
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", HeaderValue::from_static("theirs"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let fwd = headers::Forwarding::new(&headers::ForwardInfo {
+            peer: "10.1.2.3".parse().unwrap(),
+            host: None,
+            proto: "http",
+        });
+        let id = HeaderValue::from_static("ours");
+        let extra = [(
+            HeaderName::from_static("gitlab-workhorse-geo-proxy"),
+            HeaderValue::from_static("1"),
+        )];
+        let head = RequestHead {
+            method: &Method::GET,
+            prefix: "",
+            path_and_query: "/",
+            host: &HeaderValue::from_static("up"),
+            upgrade: None,
+            headers: &h,
+            hop: Hop {
+                forwarding: Some(&fwd),
+                request_id: Some(&id),
+                extra: &extra,
+            },
+            framing: ReqFraming::Empty,
+        }
+        .encode();
+        assert_eq!(
+            text(&head),
+            "GET / HTTP/1.1\r\nhost: up\r\nx-kept: 1\r\nx-forwarded-for: 10.1.2.3\r\n\
+             forwarded: for=10.1.2.3;proto=http\r\nx-forwarded-proto: https\r\n\
+             x-request-id: ours\r\ngitlab-workhorse-geo-proxy: 1\r\n\r\n",
+            "the client's proto survives (ingress kept it: a trusted hop's)"
+        );
     }
 
     const RESP: &[u8] = b"HTTP/1.1 200 OK\r\nServer: up\r\nSet-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Length: 5\r\n\r\nhello";
