@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request (issue 3), counted by valgrind's callgrind:
-# geo-sidecar against the bare hyper 1 proxy of `sidecar/examples/bare_hyper_proxy.rs` (the
-# floor of the sidecar's stack: hyper, tokio, the same thread layout and allocator, nothing
-# else), each in front of the same upstream nginx as bench/proxy.sh.
+# geo-sidecar against the bare hyper 1 proxy of `sidecar/examples/bare_hyper_proxy.rs` (hyper
+# on both sides, tokio, the same thread layout and allocator, nothing else), each in front of
+# the same upstream nginx as bench/proxy.sh. The sidecar's upstream side is its own HTTP/1.1
+# exchange (proxy/h1.rs), cheaper than hyper's client: the difference is its whole path's
+# cost over the bare proxy's, not only its features'.
 #
 # Unlike requests/s on a shared 2-CPU machine (±15% from run to run), the count is the same
 # from run to run to a fraction of a percent, so a change of a few hundred instructions per
 # request shows. It leaves out the kernel (about 60% of a proxied request's CPU here) and
-# cache effects: a guide for the sidecar's own work, not a substitute for bench/proxy.sh.
+# cache effects: a guide for the sidecar's per-request work, not a substitute for bench/proxy.sh.
 #
 #   bash bench/proxy-instructions.sh            # release build (as shipped)
 #   NO_BUILD=1 CARGO_TARGET_DIR=… bash bench/proxy-instructions.sh
@@ -70,5 +72,5 @@ read -r _ S_N S_IR <<<"$(count sidecar "http://127.0.0.1:$SC/hello" "$TARGET/geo
 read -r _ B_N B_IR <<<"$(count bare "http://127.0.0.1:$BARE/hello" "$TARGET/examples/bare_hyper_proxy" "127.0.0.1:$BARE" "127.0.0.1:$UP" 1)"
 echo "user-space instructions per proxied request (callgrind; GET /hello through one I/O thread):"
 printf "  %-22s %8s  (%s requests)\n" "geo-sidecar" "$S_IR" "$S_N" "bare hyper 1 proxy" "$B_IR" "$B_N"
-awk -v s="$S_IR" -v b="$B_IR" 'BEGIN { printf "  ratio sidecar / bare hyper: %.2fx (the sidecar'"'"'s own work: %d instructions)\n", s/b, s-b }'
+awk -v s="$S_IR" -v b="$B_IR" 'BEGIN { printf "  ratio sidecar / bare hyper: %.2fx (difference: %d instructions)\n", s/b, s-b }'
 [ -z "${KEEP:-}" ] || echo "callgrind files: $OUT/*.cg.* (callgrind_annotate --inclusive=yes …)"

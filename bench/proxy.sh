@@ -9,7 +9,7 @@
 #   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
 #   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
 #   ROLE=secondary bash bench/proxy.sh      # the sidecar as a Geo secondary proxying to the upstream
-#   FLOOR=1 bash bench/proxy.sh             # also the bare hyper 1 proxy (the stack's floor, below)
+#   FLOOR=1 bash bench/proxy.sh             # also a bare hyper 1 proxy (below)
 #
 # The upstream is an nginx server answering a small fixed body (and serving a 1 GiB sparse
 # file for the streaming run); the reverse-proxy nginx is configured at its best (an
@@ -18,9 +18,11 @@
 # a secondary whose primary is that upstream).
 #
 # FLOOR=1 adds a third proxy to the same alternating runs: `sidecar/examples/bare_hyper_proxy.rs`,
-# hyper 1 and tokio with the sidecar's thread layout and allocator and nothing else (no header
-# hygiene, routing, metrics, logs, timeouts or retries). It is what any proxy built on this
-# stack can at best do here; bench/proxy-instructions.sh counts the same split in instructions.
+# hyper 1 on both sides and tokio, with the sidecar's thread layout and allocator and nothing
+# else (no header hygiene, routing, metrics, logs, timeouts or retries): what a proxy built
+# from hyper's server and client can at best do here. (The sidecar's upstream side is its own
+# HTTP/1.1 exchange, proxy/h1.rs, so it can beat this.) bench/proxy-instructions.sh counts the
+# same comparison in instructions.
 #
 # The upstream runs in its own nginx instance (its own worker processes), as an upstream does
 # in any deployment, so both proxies add the same processes to the machine.

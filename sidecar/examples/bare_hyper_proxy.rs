@@ -1,11 +1,13 @@
-//! The floor of the sidecar's stack, for `bench/proxy.sh` (`PEERS=bare`): the least a reverse
-//! proxy built on hyper 1 and tokio can do per request, with the sidecar's thread layout (one
-//! single-threaded runtime per CPU, connections handed out by one acceptor) and allocator.
+//! A bare hyper 1 reverse proxy, for `bench/proxy.sh` (`FLOOR=1`) and
+//! `bench/proxy-instructions.sh`: the least a proxy with hyper on both sides can do per
+//! request, with the sidecar's thread layout (one single-threaded runtime per CPU, connections
+//! handed out by one acceptor) and allocator.
 //!
-//! It forwards every request to one upstream over pooled HTTP/1.1 connections and does nothing
-//! else: no header hygiene, no routing, no metrics, no logs, no timeouts, no retries. Not a
-//! product; the gap between it and nginx is what hyper and tokio cost, the gap between it and
-//! the sidecar is what the sidecar's own work costs (BENCHMARKS.md).
+//! It forwards every request to one upstream over pooled HTTP/1.1 connections (hyper's client)
+//! and does nothing else: no header hygiene, no routing, no metrics, no logs, no timeouts, no
+//! retries. Not a product. It was the floor of the sidecar's stack until the sidecar's upstream
+//! side became its own inline HTTP/1.1 exchange (`proxy/h1.rs`), which costs less than hyper's
+//! client task; now the sidecar's full request path is measured against it (BENCHMARKS.md).
 //!
 //!     cargo run --release --example bare_hyper_proxy -- 127.0.0.1:8080 127.0.0.1:9000 [threads]
 
