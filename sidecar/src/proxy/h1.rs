@@ -48,9 +48,13 @@ const MAX_HEADERS: usize = 100;
 /// A chunk-size line, or all trailers of a chunked body, beyond this is refused.
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Read sizes: a head is small; a body is read in larger pieces (one buffer per connection).
+/// Read sizes: a head is small; a body is read in pieces that double, from 16 KiB up to
+/// 512 KiB, while each read fills what it was given (a large download then takes a few
+/// system calls per megabyte, and a small body never gets a large buffer). What was read is
+/// handed on as it is, so no more than one piece per connection waits in the proxy.
 const HEAD_READ: usize = 8 * 1024;
-const BODY_READ: usize = 64 * 1024;
+const BODY_READ_MIN: usize = 16 * 1024;
+const BODY_READ_MAX: usize = 512 * 1024;
 
 /// Any byte stream an upstream connection runs on (TCP, TLS over TCP, a test pipe).
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -85,13 +89,14 @@ impl Conn {
             .is_pending()
     }
 
-    /// Reads what is there into `rbuf`, making room for `want` bytes first when it is short.
-    /// `Ok(0)`: the upstream closed.
+    /// Reads up to `want` bytes of what is there into `rbuf`, making room for them first when
+    /// it is short. `Ok(0)`: the upstream closed.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         if self.rbuf.capacity() - self.rbuf.len() < want / 4 {
             self.rbuf.reserve(want);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf)
+        let mut limited = bytes::BufMut::limit(&mut self.rbuf, want);
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut limited)
     }
 }
 
@@ -801,6 +806,8 @@ pub struct ResponseBody<C: Checkin> {
     conn: Option<Conn>,
     state: BodyState,
     checkin: Option<C>,
+    /// The next read's size (see [`BODY_READ_MIN`]).
+    read_size: usize,
 }
 
 impl<C: Checkin> ResponseBody<C> {
@@ -821,6 +828,7 @@ impl<C: Checkin> ResponseBody<C> {
             conn: Some(conn),
             state,
             checkin,
+            read_size: BODY_READ_MIN,
         };
         if matches!(b.state, BodyState::Ready(_)) {
             b.finish(true);
@@ -846,6 +854,19 @@ impl<C: Checkin> ResponseBody<C> {
     }
 }
 
+/// Reads a piece of a body, doubling the next piece's size when this one came back full.
+fn poll_body_fill(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    read_size: &mut usize,
+) -> Poll<io::Result<usize>> {
+    let n = ready!(conn.poll_fill(cx, *read_size))?;
+    if n >= *read_size * 3 / 4 {
+        *read_size = (*read_size * 2).min(BODY_READ_MAX);
+    }
+    Poll::Ready(Ok(n))
+}
+
 impl<C: Checkin> HttpBody for ResponseBody<C> {
     type Data = Bytes;
     type Error = io::Error;
@@ -865,7 +886,7 @@ impl<C: Checkin> HttpBody for ResponseBody<C> {
             match &mut this.state {
                 BodyState::Length(left) => {
                     if conn.rbuf.is_empty() {
-                        match ready!(conn.poll_fill(cx, BODY_READ)) {
+                        match ready!(poll_body_fill(conn, cx, &mut this.read_size)) {
                             Ok(0) => return this.fail("upstream closed inside a response body"),
                             Ok(_) => {}
                             Err(e) => return this.fail(e.to_string()),
@@ -887,16 +908,18 @@ impl<C: Checkin> HttpBody for ResponseBody<C> {
                         this.finish(true);
                         return Poll::Ready(None);
                     }
-                    Ok(Decoded::More) => match ready!(conn.poll_fill(cx, BODY_READ)) {
-                        Ok(0) => return this.fail("upstream closed inside a chunked body"),
-                        Ok(_) => {}
-                        Err(e) => return this.fail(e.to_string()),
-                    },
+                    Ok(Decoded::More) => {
+                        match ready!(poll_body_fill(conn, cx, &mut this.read_size)) {
+                            Ok(0) => return this.fail("upstream closed inside a chunked body"),
+                            Ok(_) => {}
+                            Err(e) => return this.fail(e.to_string()),
+                        }
+                    }
                     Err(e) => return this.fail(e),
                 },
                 BodyState::UntilClose => {
                     if conn.rbuf.is_empty() {
-                        match ready!(conn.poll_fill(cx, BODY_READ)) {
+                        match ready!(poll_body_fill(conn, cx, &mut this.read_size)) {
                             Ok(0) => {
                                 this.state = BodyState::Done;
                                 this.finish(false);
@@ -1366,6 +1389,47 @@ mod tests {
         assert!(slot.lock().unwrap().is_none());
         tx.send(()).unwrap();
         assert_eq!(collect(body).await, b" world");
+        assert!(slot.lock().unwrap().is_some(), "checked in at the end");
+    }
+
+    #[tokio::test]
+    async fn a_large_body_streams_whole_in_growing_pieces() {
+        const LEN: usize = 3 * 1024 * 1024 + 7;
+        let body: Vec<u8> = (0..LEN).map(|i| (i % 251) as u8).collect();
+        let sent = body.clone();
+        let mut conn = upstream(move |mut s| async move {
+            read_head(&mut s).await;
+            let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {LEN}\r\n\r\n");
+            s.write_all(head.as_bytes()).await.unwrap();
+            s.write_all(&sent).await.unwrap();
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let (h, _) = exchange(
+            &mut conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+        )
+        .await
+        .unwrap();
+        let (framing, _) = response_framing(false, &h).unwrap();
+        let (ci, slot) = checkin();
+        let mut rb = ResponseBody::new(conn, framing, ci);
+        let mut got = Vec::with_capacity(LEN);
+        let mut largest = 0;
+        while let Some(f) = http_body_util::BodyExt::frame(&mut rb).await {
+            let d = f.unwrap().into_data().unwrap();
+            largest = largest.max(d.len());
+            got.extend_from_slice(&d);
+        }
+        assert!(got == body, "3 MiB arrived intact");
+        assert!(
+            largest <= BODY_READ_MAX,
+            "no piece beyond {BODY_READ_MAX} bytes"
+        );
         assert!(slot.lock().unwrap().is_some(), "checked in at the end");
     }
 
