@@ -1293,6 +1293,16 @@ mod tests {
         Bytes::from_static(b"GET / HTTP/1.1\r\nhost: up\r\n\r\n")
     }
 
+    /// A `GET /` exchange on `conn`.
+    async fn try_get_on(conn: &mut Conn) -> Result<(Head, bool), Failure> {
+        exchange(conn, &get(), &mut Body::empty(), ReqFraming::Empty, 8192, T).await
+    }
+
+    /// A `GET /` exchange on `conn` that must succeed.
+    async fn get_on(conn: &mut Conn) -> (Head, bool) {
+        try_get_on(conn).await.unwrap()
+    }
+
     /// Collects a body, and reports what was checked in.
     async fn collect(b: ResponseBody<Slot>) -> Vec<u8> {
         http_body_util::BodyExt::collect(b)
@@ -1328,16 +1338,7 @@ mod tests {
             let _ = s.read(&mut [0u8; 1]).await;
         })
         .await;
-        let (h, whole) = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap();
+        let (h, whole) = get_on(&mut conn).await;
         assert_eq!(h.status, StatusCode::OK, "100 Continue skipped");
         assert!(whole);
         let (framing, close) = response_framing(false, &h).unwrap();
@@ -1364,16 +1365,7 @@ mod tests {
             let _ = s.read(&mut [0u8; 1]).await;
         })
         .await;
-        let (h, _) = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap();
+        let (h, _) = get_on(&mut conn).await;
         let (framing, _) = response_framing(false, &h).unwrap();
         let (ci, slot) = checkin();
         let mut body = ResponseBody::new(conn, framing, ci);
@@ -1405,16 +1397,7 @@ mod tests {
             let _ = s.read(&mut [0u8; 1]).await;
         })
         .await;
-        let (h, _) = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap();
+        let (h, _) = get_on(&mut conn).await;
         let (framing, _) = response_framing(false, &h).unwrap();
         let (ci, slot) = checkin();
         let mut rb = ResponseBody::new(conn, framing, ci);
@@ -1442,16 +1425,7 @@ mod tests {
                 .unwrap();
         })
         .await;
-        let (h, _) = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap();
+        let (h, _) = get_on(&mut conn).await;
         let (framing, close) = response_framing(false, &h).unwrap();
         assert!(close);
         let (ci, slot) = checkin();
@@ -1471,16 +1445,7 @@ mod tests {
                 .unwrap();
         })
         .await;
-        let (h, _) = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap();
+        let (h, _) = get_on(&mut conn).await;
         let (framing, _) = response_framing(false, &h).unwrap();
         let (ci, slot) = checkin();
         let r = http_body_util::BodyExt::collect(ResponseBody::new(conn, framing, ci)).await;
@@ -1617,16 +1582,7 @@ mod tests {
             read_head(&mut s).await;
         })
         .await;
-        let f = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap_err();
+        let f = try_get_on(&mut conn).await.unwrap_err();
         assert_eq!(f.fate, Fate::Sent);
         // half a head back, then closed: answered, never sent again
         let mut conn = upstream(|mut s| async move {
@@ -1634,16 +1590,7 @@ mod tests {
             s.write_all(b"HTTP/1.1 200 O").await.unwrap();
         })
         .await;
-        let f = exchange(
-            &mut conn,
-            &get(),
-            &mut Body::empty(),
-            ReqFraming::Empty,
-            8192,
-            T,
-        )
-        .await
-        .unwrap_err();
+        let f = try_get_on(&mut conn).await.unwrap_err();
         assert_eq!(f.fate, Fate::Final);
     }
 

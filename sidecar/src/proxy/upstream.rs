@@ -263,22 +263,12 @@ impl Upstream {
         replayable: bool,
     ) -> Result<(Conn, h1::Head, bool), UpstreamError> {
         let t = &self.tuning;
-        let max_head = t.max_header_bytes.max(8192) * 2;
         let (mut conn, reused) = match pool::take(self.id, &base.origin, t.pool_idle_timeout) {
             Some(conn) => (conn, true),
             // boxed: a dial is rare and its future large (moved with every request's otherwise)
             None => (Box::pin(self.connect(base)).await?, false),
         };
-        let failure = match h1::exchange(
-            &mut conn,
-            &head,
-            &mut body,
-            framing,
-            max_head,
-            t.header_read_timeout,
-        )
-        .await
-        {
+        let failure = match self.exchange(&mut conn, &head, &mut body, framing).await {
             Ok((resp, whole)) => return Ok((conn, resp, whole)),
             Err(f) => f,
         };
@@ -297,17 +287,23 @@ impl Upstream {
         );
         drop(conn);
         let mut conn = Box::pin(self.connect(base)).await?;
-        let (resp, whole) = Box::pin(h1::exchange(
-            &mut conn,
-            &head,
-            &mut body,
-            framing,
-            max_head,
-            t.header_read_timeout,
-        ))
-        .await
-        .map_err(|f| exchange_error(f.error))?;
+        let (resp, whole) = Box::pin(self.exchange(&mut conn, &head, &mut body, framing))
+            .await
+            .map_err(|f| exchange_error(f.error))?;
         Ok((conn, resp, whole))
+    }
+
+    /// One exchange on `conn` with this upstream's limits.
+    async fn exchange(
+        &self,
+        conn: &mut Conn,
+        head: &Bytes,
+        body: &mut Body,
+        framing: ReqFraming,
+    ) -> Result<(h1::Head, bool), h1::Failure> {
+        let t = &self.tuning;
+        let max_head = t.max_header_bytes.max(8192) * 2;
+        h1::exchange(conn, head, body, framing, max_head, t.header_read_timeout).await
     }
 
     /// Dials `base` (TCP, and TLS for `https://`).
