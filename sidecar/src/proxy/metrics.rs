@@ -86,49 +86,125 @@ impl ProxyMetrics {
 
 /// Label sets cached per thread and family.
 const LOCAL_HANDLES: usize = 64;
+/// Latency samples a thread keeps before adding them to the shared histogram on its own.
+const MAX_PENDING_SAMPLES: usize = 8192;
 
-/// A thread's handles: (metrics set id, labels, metric).
-type Handles<S, M> = RefCell<Vec<(u64, S, M)>>;
-
-thread_local! {
-    static REQUESTS: Handles<RequestLabels, Counter> = const { RefCell::new(Vec::new()) };
-    static LATENCY: Handles<TargetLabels, Histogram> = const { RefCell::new(Vec::new()) };
+/// What a thread has counted and not yet added to the shared metrics: (metrics set id,
+/// labels, the shared metric, the pending tally).
+struct Tally {
+    requests: Vec<(u64, RequestLabels, Counter, u64)>,
+    latency: Vec<(u64, TargetLabels, Histogram, Vec<f64>)>,
+    /// This thread adds its tallies in batches ([`batch_on_this_thread`]); other threads add
+    /// each request as it is counted.
+    batched: bool,
 }
 
-/// The metric of `labels` in `family`, through a per-thread list of handles: the family's
-/// lock and label hashing are paid once per label set and thread, not once per request.
-fn local<
-    S: Clone + Eq + std::hash::Hash,
-    M: Clone,
-    C: prometheus_client::metrics::family::MetricConstructor<M>,
->(
-    cache: &'static std::thread::LocalKey<Handles<S, M>>,
-    id: u64,
-    family: &Family<S, M, C>,
-    labels: &S,
-) -> M {
-    cache.with_borrow_mut(|list| {
-        if let Some((_, _, m)) = list.iter().find(|(i, l, _)| *i == id && l == labels) {
-            return m.clone();
+thread_local! {
+    static TALLY: RefCell<Tally> = const {
+        RefCell::new(Tally { requests: Vec::new(), latency: Vec::new(), batched: false })
+    };
+}
+
+/// Makes this thread (an I/O thread) count requests locally and add them to the shared
+/// metrics in [`flush_thread`], which the thread then calls every 100 ms: the shared counter
+/// and histogram are an atomic and a lock that every I/O thread would otherwise write on every
+/// request, their cache lines moving between cores each time. A scrape sees requests up to
+/// 100 ms late.
+pub fn batch_on_this_thread() {
+    TALLY.with_borrow_mut(|t| t.batched = true);
+}
+
+/// Adds this thread's pending tallies to the shared metrics.
+pub fn flush_thread() {
+    TALLY.with_borrow_mut(|t| {
+        for (_, _, counter, n) in &mut t.requests {
+            if *n > 0 {
+                counter.inc_by(std::mem::take(n));
+            }
         }
-        let m = family.get_or_create(labels).clone();
-        // a short list stays cheap to scan; rare label sets beyond it go to the family
-        if list.len() < LOCAL_HANDLES {
-            list.push((id, labels.clone(), m.clone()));
+        for (_, _, histogram, samples) in &mut t.latency {
+            for s in samples.drain(..) {
+                histogram.observe(s);
+            }
         }
-        m
     })
+}
+
+/// Flushes this thread's tallies every 100 ms, for as long as the thread's runtime runs.
+pub async fn run_flusher() {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        flush_thread();
+    }
 }
 
 impl ProxyMetrics {
     /// Counts one service-port request.
     pub fn count_request(&self, labels: RequestLabels) {
-        local(&REQUESTS, self.id, &self.requests, &labels).inc();
+        TALLY.with_borrow_mut(|t| {
+            let id = self.id;
+            if let Some(e) = t
+                .requests
+                .iter_mut()
+                .find(|(i, l, ..)| *i == id && *l == labels)
+            {
+                if t.batched {
+                    e.3 += 1;
+                } else {
+                    e.2.inc();
+                }
+                return;
+            }
+            // the family's lock and label hashing: once per label set and thread
+            let counter = self.requests.get_or_create(&labels).clone();
+            if t.requests.len() < LOCAL_HANDLES {
+                let pending = u64::from(t.batched);
+                if !t.batched {
+                    counter.inc();
+                }
+                t.requests.push((id, labels, counter, pending));
+            } else {
+                // rare label sets beyond the list go to the family directly
+                counter.inc();
+            }
+        })
     }
 
     /// Observes a service-port request's time to its response head.
     pub fn observe_latency(&self, target: &'static str, seconds: f64) {
-        local(&LATENCY, self.id, &self.latency, &TargetLabels { target }).observe(seconds);
+        TALLY.with_borrow_mut(|t| {
+            let id = self.id;
+            let labels = TargetLabels { target };
+            let i = match t
+                .latency
+                .iter()
+                .position(|(i, l, ..)| *i == id && *l == labels)
+            {
+                Some(i) => i,
+                None => {
+                    let h = self.latency.get_or_create(&labels).clone();
+                    if t.latency.len() >= LOCAL_HANDLES {
+                        h.observe(seconds);
+                        return;
+                    }
+                    t.latency.push((id, labels, h, Vec::new()));
+                    t.latency.len() - 1
+                }
+            };
+            let (_, _, h, samples) = &mut t.latency[i];
+            if !t.batched {
+                h.observe(seconds);
+                return;
+            }
+            samples.push(seconds);
+            if samples.len() >= MAX_PENDING_SAMPLES {
+                for s in samples.drain(..) {
+                    h.observe(s);
+                }
+            }
+        })
     }
 }
 
@@ -201,5 +277,45 @@ mod tests {
             Some(format!("{count} 1").as_str()),
             "{ta}"
         );
+    }
+
+    #[test]
+    fn a_batching_thread_adds_its_tallies_when_it_flushes() {
+        let m = Metrics::new();
+        let p = ProxyMetrics::register(&m);
+        let labels = RequestLabels {
+            route: "other",
+            method: "GET",
+            code: 200,
+            target: "forge",
+        };
+        let ok = r#"geo_http_requests_total{route="other",method="GET",code="200",target="forge"}"#;
+        let count = r#"geo_http_request_duration_seconds_count{target="forge"}"#;
+        let p2 = p.clone();
+        let m2 = m.clone();
+        std::thread::spawn(move || {
+            batch_on_this_thread();
+            for _ in 0..3 {
+                p2.count_request(labels.clone());
+                p2.observe_latency("forge", 0.003);
+            }
+            let before = m2.encode();
+            assert!(
+                line(&before, ok).is_none_or(|l| l.ends_with(" 0")),
+                "{before}"
+            );
+            flush_thread();
+            let after = m2.encode();
+            assert_eq!(
+                line(&after, ok),
+                Some(format!("{ok} 3").as_str()),
+                "{after}"
+            );
+            assert_eq!(line(&after, count), Some(format!("{count} 3").as_str()));
+            flush_thread(); // nothing pending: nothing added twice
+            assert_eq!(line(&m2.encode(), ok), Some(format!("{ok} 3").as_str()));
+        })
+        .join()
+        .unwrap();
     }
 }

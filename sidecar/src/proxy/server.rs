@@ -25,6 +25,7 @@
 use crate::proxy::coarse_timer;
 use crate::proxy::drain::Drain;
 use crate::proxy::front::Front;
+use crate::proxy::metrics;
 use crate::proxy::sniff::SniffIo;
 use axum::body::Body;
 use geoforge_crds::config::ProxyTuning;
@@ -170,6 +171,8 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
         .spawn(move || {
             rt.block_on(async move {
                 tokio::spawn(coarse_timer::run_ticker());
+                metrics::batch_on_this_thread();
+                tokio::spawn(metrics::run_flusher());
                 let builder = http_builder(&tuning);
                 let drain = Drain::new();
                 while let Some(a) = rx.recv().await {
@@ -218,6 +221,7 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                         tracing::warn!("shutdown grace elapsed with requests in flight; closing them");
                     }
                 }
+                metrics::flush_thread();
             });
             let _ = done_tx.send(());
         })?;
