@@ -140,7 +140,7 @@ impl Front {
     }
 
     /// Handles one request.
-    pub async fn handle(self: Arc<Self>, peer: SocketAddr, req: Request<Body>) -> Response<Body> {
+    pub async fn handle(&self, peer: SocketAddr, req: Request<Body>) -> Response<Body> {
         let start = Instant::now();
         let method = req.method().clone();
         let route_name = route::route_label(req.uri().path(), req.uri().query());

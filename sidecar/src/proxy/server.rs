@@ -169,6 +169,10 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
     std::thread::Builder::new()
         .name(format!("geo-io-{i}"))
         .spawn(move || {
+            // This thread's own handle on the front: the per-request clones below then count
+            // on a reference count no other I/O thread writes (a shared one would move its
+            // cache line between cores twice per request).
+            let front = Arc::new(front);
             rt.block_on(async move {
                 tokio::spawn(coarse_timer::run_ticker());
                 metrics::batch_on_this_thread();
