@@ -1604,12 +1604,17 @@ mod tests {
         .await;
         assert!(conn.is_idle_open());
         tx.send(()).unwrap();
-        tokio::time::timeout(T, async {
-            while conn.is_idle_open() {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
+        // wait for the socket itself to become readable (the close), then ask again
+        tokio::time::timeout(
+            T,
+            std::future::poll_fn(|cx| {
+                let mut byte = [0u8; 1];
+                let mut rb = ReadBuf::new(&mut byte);
+                Pin::new(&mut conn.io).poll_read(cx, &mut rb).map(|_| ())
+            }),
+        )
         .await
-        .expect("the close was noticed within 10 s");
+        .expect("the close arrived within 10 s");
+        assert!(!conn.is_idle_open(), "a closed idle connection is not open");
     }
 }
