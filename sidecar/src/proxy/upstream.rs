@@ -156,30 +156,16 @@ impl Upstream {
                 .map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
         )?;
         let (parts, body) = req.into_parts();
-        let framing = ReqFraming::of(&body);
         // the URL's own path is the request's, not a prefix
-        let head = RequestHead {
-            method: &parts.method,
-            prefix: "",
-            path_and_query: target(&parts.uri),
-            host: &base.host,
-            upgrade: None,
-            headers: &parts.headers,
-            hop: Hop::default(),
-            framing,
-        }
-        .encode();
-        let replayable = is_idempotent(&parts.method) && framing == ReqFraming::Empty;
-        let is_head = parts.method == Method::HEAD;
-        let (conn, resp, sent_whole) = self
-            .roundtrip(&base, head, body, framing, replayable)
+        let x = self
+            .send(&base, "", parts, body, None, Hop::default())
             .await?;
-        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
+        if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(UpstreamError::Other(
                 "upstream switched protocols without being asked".into(),
             ));
         }
-        self.response(&base, conn, resp, sent_whole, is_head)
+        self.response(&base, x)
     }
 
     /// Forwards `req` (already cleaned at ingress) with what `hop` adds to `base` + its path.
@@ -194,14 +180,39 @@ impl Upstream {
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
+        let x = self
+            .send(base, &base.prefix, parts, body, upgrade.as_ref(), hop)
+            .await?;
+        if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
+            let Some(client_upgrade) = client_upgrade else {
+                return Err(UpstreamError::Other(
+                    "upstream switched protocols without being asked".into(),
+                ));
+            };
+            return Ok(tunnel(x.conn, x.head, client_upgrade, upgrade));
+        }
+        // hop-by-hop headers were left out of the parsed head
+        Ok(self.response(base, x)?.map(Body::new))
+    }
+
+    /// Writes the request head (hop-by-hop headers left out; `Host`, `upgrade` and what `hop`
+    /// adds set) and sends it with `body` to `base`, `prefix` before the request's path.
+    async fn send(
+        &self,
+        base: &UpstreamBase,
+        prefix: &str,
+        parts: http::request::Parts,
+        body: Body,
+        upgrade: Option<&HeaderValue>,
+        hop: Hop<'_>,
+    ) -> Result<Exchanged, UpstreamError> {
         let framing = ReqFraming::of(&body);
-        // hop-by-hop headers are left out here, and Host and Upgrade set
         let head = RequestHead {
             method: &parts.method,
-            prefix: &base.prefix,
+            prefix,
             path_and_query: target(&parts.uri),
             host: &base.host,
-            upgrade: upgrade.as_ref(),
+            upgrade,
             headers: &parts.headers,
             hop,
             framing,
@@ -213,32 +224,29 @@ impl Upstream {
             upgrade.is_none() && is_idempotent(&parts.method) && framing == ReqFraming::Empty;
         let is_head = parts.method == Method::HEAD;
         drop(parts);
-        let (conn, resp, sent_whole) = self
+        let (conn, head, sent_whole) = self
             .roundtrip(base, head, body, framing, replayable)
             .await?;
-        if resp.status == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                return Err(UpstreamError::Other(
-                    "upstream switched protocols without being asked".into(),
-                ));
-            };
-            return Ok(tunnel(conn, resp, client_upgrade, upgrade));
-        }
-        // hop-by-hop headers were left out of the parsed head
-        Ok(self
-            .response(base, conn, resp, sent_whole, is_head)?
-            .map(Body::new))
+        Ok(Exchanged {
+            conn,
+            head,
+            sent_whole,
+            is_head,
+        })
     }
 
-    /// The response of an exchange, its body reading from `conn`.
+    /// The response of an exchange, its body reading from its connection.
     fn response(
         &self,
         base: &UpstreamBase,
-        conn: Conn,
-        head: h1::Head,
-        sent_whole: bool,
-        is_head: bool,
+        x: Exchanged,
     ) -> Result<Response<PooledBody>, UpstreamError> {
+        let Exchanged {
+            conn,
+            head,
+            sent_whole,
+            is_head,
+        } = x;
         let (framing, must_close) = h1::response_framing(is_head, &head)
             .map_err(|e| UpstreamError::Other(format!("bad response: {e}")))?;
         let checkin = (head.keep_alive && sent_whole && !must_close).then(|| {
@@ -313,6 +321,15 @@ impl Upstream {
             .map_err(|e| UpstreamError::Connect(error_chain(e.as_ref())))?;
         Ok(Conn::new(Box::new(TokioIo::new(io))))
     }
+}
+
+/// What an exchange left: the connection (its body still to read), the final response head,
+/// whether the request body went out whole, and whether the request was a HEAD.
+struct Exchanged {
+    conn: Conn,
+    head: h1::Head,
+    sent_whole: bool,
+    is_head: bool,
 }
 
 fn exchange_error(e: h1::ExchangeError) -> UpstreamError {
