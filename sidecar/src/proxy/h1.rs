@@ -352,12 +352,11 @@ pub fn parse_response_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head
             head.content_length = Some(content_length(head.content_length, value.as_bytes()));
         } else if headers::is_hop_by_hop(&name) {
             if name == header::CONNECTION {
-                for t in value.as_bytes().split(|&c| c == b',') {
-                    let t = t.trim_ascii();
+                for t in headers::connection_tokens(value.as_bytes()) {
                     close |= t.eq_ignore_ascii_case(b"close");
                     keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                    named.extend(headers::named_by_connection(t));
                 }
-                named.extend(headers::connection_tokens(value.as_bytes()));
             } else if name == header::TRANSFER_ENCODING {
                 // the last coding of the last value counts
                 let last = value.as_bytes().rsplit(|&c| c == b',').next();

@@ -157,25 +157,31 @@ pub fn remove_hop_by_hop(h: &mut HeaderMap) {
 /// The other headers a `Connection` header names as hop-by-hop (usually none: it names only
 /// `keep-alive`, `close` or `upgrade`, which are hop-by-hop anyway, and nothing is allocated).
 pub fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
-    let mut named: Vec<HeaderName> = Vec::new();
-    for v in h.get_all(header::CONNECTION) {
-        named.extend(connection_tokens(v.as_bytes()));
-    }
-    named
+    h.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| connection_tokens(v.as_bytes()))
+        .filter_map(named_by_connection)
+        .collect()
 }
 
-/// The header names among the tokens of one `Connection` value, other than `keep-alive`,
-/// `close`, `upgrade` and the hop-by-hop headers themselves.
-pub fn connection_tokens(v: &[u8]) -> impl Iterator<Item = HeaderName> + '_ {
+/// The tokens of one `Connection` value, trimmed, empty ones left out.
+pub fn connection_tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
     v.split(|&c| c == b',')
         .map(<[u8]>::trim_ascii)
-        .filter(|t| {
-            !t.is_empty()
-                && ![&b"keep-alive"[..], b"close", b"upgrade"]
-                    .iter()
-                    .any(|k| t.eq_ignore_ascii_case(k))
-        })
-        .filter_map(|t| HeaderName::from_bytes(t).ok())
+        .filter(|t| !t.is_empty())
+}
+
+/// The header a `Connection` token names as hop-by-hop: none for `keep-alive`, `close`,
+/// `upgrade` and the hop-by-hop headers themselves.
+pub fn named_by_connection(token: &[u8]) -> Option<HeaderName> {
+    if [&b"keep-alive"[..], b"close", b"upgrade"]
+        .iter()
+        .any(|k| token.eq_ignore_ascii_case(k))
+    {
+        return None;
+    }
+    HeaderName::from_bytes(token)
+        .ok()
         .filter(|n| !is_hop_by_hop(n))
 }
 
@@ -185,9 +191,8 @@ pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     let proto = h.get(header::UPGRADE)?;
     h.get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        .flat_map(|v| connection_tokens(v.as_bytes()))
+        .any(|t| t.eq_ignore_ascii_case(b"upgrade"))
         .then(|| proto.clone())
 }
 
