@@ -144,30 +144,17 @@ impl ProxyMetrics {
     /// Counts one service-port request.
     pub fn count_request(&self, labels: RequestLabels) {
         TALLY.with_borrow_mut(|t| {
-            let id = self.id;
-            if let Some(e) = t
-                .requests
-                .iter_mut()
-                .find(|(i, l, ..)| *i == id && *l == labels)
-            {
-                if t.batched {
-                    e.3 += 1;
-                } else {
-                    e.2.inc();
-                }
-                return;
-            }
-            // the family's lock and label hashing: once per label set and thread
-            let counter = self.requests.get_or_create(&labels).clone();
-            if t.requests.len() < LOCAL_HANDLES {
-                let pending = u64::from(t.batched);
-                if !t.batched {
-                    counter.inc();
-                }
-                t.requests.push((id, labels, counter, pending));
-            } else {
+            let Some(i) = entry(&mut t.requests, self.id, &labels, || {
+                self.requests.get_or_create(&labels).clone()
+            }) else {
                 // rare label sets beyond the list go to the family directly
-                counter.inc();
+                self.requests.get_or_create(&labels).inc();
+                return;
+            };
+            let (_, _, counter, pending) = &mut t.requests[i];
+            *pending += 1;
+            if !t.batched {
+                counter.inc_by(std::mem::take(pending));
             }
         })
     }
@@ -175,37 +162,41 @@ impl ProxyMetrics {
     /// Observes a service-port request's time to its response head.
     pub fn observe_latency(&self, target: &'static str, seconds: f64) {
         TALLY.with_borrow_mut(|t| {
-            let id = self.id;
             let labels = TargetLabels { target };
-            let i = match t
-                .latency
-                .iter()
-                .position(|(i, l, ..)| *i == id && *l == labels)
-            {
-                Some(i) => i,
-                None => {
-                    let h = self.latency.get_or_create(&labels).clone();
-                    if t.latency.len() >= LOCAL_HANDLES {
-                        h.observe(seconds);
-                        return;
-                    }
-                    t.latency.push((id, labels, h, Vec::new()));
-                    t.latency.len() - 1
-                }
-            };
-            let (_, _, h, samples) = &mut t.latency[i];
-            if !t.batched {
-                h.observe(seconds);
+            let Some(i) = entry(&mut t.latency, self.id, &labels, || {
+                self.latency.get_or_create(&labels).clone()
+            }) else {
+                self.latency.get_or_create(&labels).observe(seconds);
                 return;
-            }
+            };
+            let (_, _, histogram, samples) = &mut t.latency[i];
             samples.push(seconds);
-            if samples.len() >= MAX_PENDING_SAMPLES {
+            if !t.batched || samples.len() >= MAX_PENDING_SAMPLES {
                 for s in samples.drain(..) {
-                    h.observe(s);
+                    histogram.observe(s);
                 }
             }
         })
     }
+}
+
+/// The index of `labels`' entry in a thread's `list`, added (with the family's metric from
+/// `create`: the family's lock and label hashing, once per label set and thread) when new;
+/// `None` when the list is full.
+fn entry<S: PartialEq + Clone, M, P: Default>(
+    list: &mut Vec<(u64, S, M, P)>,
+    id: u64,
+    labels: &S,
+    create: impl FnOnce() -> M,
+) -> Option<usize> {
+    if let Some(i) = list.iter().position(|(i, l, ..)| *i == id && l == labels) {
+        return Some(i);
+    }
+    if list.len() >= LOCAL_HANDLES {
+        return None;
+    }
+    list.push((id, labels.clone(), create(), P::default()));
+    Some(list.len() - 1)
 }
 
 /// Metrics of primary discovery (secondaries).
