@@ -576,6 +576,18 @@ pub enum Fate {
     Final,
 }
 
+impl Fate {
+    /// An I/O failure's fate: after any byte of an answer, final; else sent once the head
+    /// was written.
+    fn of(answered: bool, head_written: bool) -> Fate {
+        match (answered, head_written) {
+            (true, _) => Fate::Final,
+            (false, true) => Fate::Sent,
+            (false, false) => Fate::Unsent,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Failure {
     pub fate: Fate,
@@ -657,14 +669,7 @@ pub async fn exchange(
             match poll_head(conn, cx, max_head, &mut answered) {
                 Poll::Ready(Ok(h)) => return Poll::Ready(Ok((h, body_ended && out.is_empty()))),
                 Poll::Ready(Err(e)) => {
-                    let fate = if answered {
-                        Fate::Final
-                    } else if head_written {
-                        Fate::Sent
-                    } else {
-                        Fate::Unsent
-                    };
-                    return Poll::Ready(Err(fail(fate, e)));
+                    return Poll::Ready(Err(fail(Fate::of(answered, head_written), e)));
                 }
                 Poll::Pending => {}
             }
@@ -676,11 +681,7 @@ pub async fn exchange(
                         if let Poll::Ready(Ok(h)) = poll_head(conn, cx, max_head, &mut answered) {
                             return Poll::Ready(Ok((h, false)));
                         }
-                        let fate = match (answered, head_written) {
-                            (true, _) => Fate::Final,
-                            (false, true) => Fate::Sent,
-                            (false, false) => Fate::Unsent,
-                        };
+                        let fate = Fate::of(answered, head_written);
                         return Poll::Ready(Err(fail(fate, ExchangeError::Io(e.to_string()))));
                     }
                     Poll::Pending => return Poll::Pending,
