@@ -27,11 +27,15 @@ use crate::proxy::metrics::{ProxyMetrics, RequestLabels, UpstreamErrorLabels};
 use crate::proxy::route::{self, Target};
 use crate::proxy::upstream::{Upstream, UpstreamBase, UpstreamError};
 use axum::body::Body;
+use futures::FutureExt;
 use geoforge_crds::auth::{PROXY_EXTRA_DATA_HEADER, PROXY_HEADER, Scope};
 use geoforge_crds::geosite::SiteRole;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tower::ServiceExt;
 use tracing::Instrument;
@@ -87,6 +91,60 @@ struct Ingress {
     request_id: HeaderValue,
 }
 
+/// What serving a request gives: the target label for the metrics, and the response.
+type Served = (&'static str, Response<Body>);
+
+pin_project_lite::pin_project! {
+    /// How a request is served once its head has been looked at ([`Front::serve`]): an
+    /// answer at hand, a forward to the forge or to the primary (the hot paths, futures of
+    /// their own types), or a boxed future for the rarer and heavier branches.
+    #[project = ServingProj]
+    enum Serving<'a, F, P> {
+        Ready { served: Option<Served> },
+        Forge { #[pin] fut: F },
+        Primary { #[pin] fut: P },
+        Boxed { fut: Pin<Box<dyn Future<Output = Served> + Send + 'a>> },
+    }
+}
+
+impl<'a, F, P> Serving<'a, F, P> {
+    fn ready(label: &'static str, resp: Response<Body>) -> Self {
+        Serving::Ready {
+            served: Some((label, resp)),
+        }
+    }
+
+    fn boxed(fut: impl Future<Output = Served> + Send + 'a) -> Self {
+        Serving::Boxed { fut: Box::pin(fut) }
+    }
+}
+
+impl<F: Future<Output = Served>, P: Future<Output = Served>> Future for Serving<'_, F, P> {
+    type Output = Served;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Served> {
+        match self.project() {
+            ServingProj::Ready { served } => {
+                Poll::Ready(served.take().expect("a served request is not polled again"))
+            }
+            ServingProj::Forge { fut } => fut.poll(cx),
+            ServingProj::Primary { fut } => fut.poll(cx),
+            ServingProj::Boxed { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+/// The primary's upstream, owned by the forward that uses it.
+struct RouteBase(Arc<PrimaryRoute>);
+
+impl std::ops::Deref for RouteBase {
+    type Target = UpstreamBase;
+
+    fn deref(&self) -> &UpstreamBase {
+        &self.0.base
+    }
+}
+
 impl Front {
     /// `geo_api`: the primary's Geo API router; `forge`: the forge of a primary/disabled site;
     /// `primary`: a secondary's watch of the primary URL; `push_sink`: where completed pushes go.
@@ -140,49 +198,66 @@ impl Front {
     }
 
     /// Handles one request.
-    pub async fn handle(&self, peer: SocketAddr, req: Request<Body>) -> Response<Body> {
+    ///
+    /// The request filter and the choice of target run when this is called; the future holds
+    /// what serving needs, not the request (see [`Upstream::forward`] on why that matters).
+    pub fn handle(
+        &self,
+        peer: SocketAddr,
+        req: Request<Body>,
+    ) -> impl Future<Output = Response<Body>> + Send + '_ {
         let start = Instant::now();
-        let method = req.method().clone();
+        let method = method_label(req.method());
         let route_name = route::route_label(req.uri().path(), req.uri().query());
         let request_id = request_id(req.headers());
-        let span = tracing::info_span!("request", id = request_id.to_str().unwrap_or(""), method = %method,
+        let span = tracing::info_span!("request", id = request_id.to_str().unwrap_or(""), method = %req.method(),
             path = %req.uri().path(), client = tracing::field::Empty, via = tracing::field::Empty);
-        let (target_label, mut resp) = async {
-            let (target, resp) = self.handle_inner(peer, req, &request_id, route_name).await;
-            // The access log (one line per request; token headers are never logged).
-            tracing::info!(
-                status = resp.status().as_u16(),
-                target = target,
-                route = route_name,
-                ms = start.elapsed().as_millis() as u64,
-                "request"
-            );
-            (target, resp)
-        }
-        .instrument(span)
-        .await;
-        resp.headers_mut().insert(X_REQUEST_ID, request_id);
-        self.metrics.count_request(RequestLabels {
-            route: route_name,
-            method: method_label(&method),
-            code: resp.status().as_u16(),
-            target: target_label,
-        });
-        self.metrics
-            .observe_latency(target_label, start.elapsed().as_secs_f64());
-        resp
+        let serving = span.in_scope(|| self.serve(peer, req, &request_id, route_name));
+        // Combinators rather than `async` blocks: a block that awaits a future it captured
+        // keeps room for it twice.
+        serving
+            .map(move |(target, resp)| {
+                // The access log (one line per request; token headers are never logged).
+                tracing::info!(
+                    status = resp.status().as_u16(),
+                    target = target,
+                    route = route_name,
+                    ms = start.elapsed().as_millis() as u64,
+                    "request"
+                );
+                (target, resp)
+            })
+            .instrument(span)
+            .map(move |(target, mut resp)| {
+                resp.headers_mut().insert(X_REQUEST_ID, request_id);
+                self.metrics.count_request(RequestLabels {
+                    route: route_name,
+                    method,
+                    code: resp.status().as_u16(),
+                    target,
+                });
+                self.metrics
+                    .observe_latency(target, start.elapsed().as_secs_f64());
+                resp
+            })
     }
 
-    async fn handle_inner(
-        &self,
+    /// The request filter and the choice of target (phases 1 and 2 of the module docs); the
+    /// [`Serving`] it returns serves and filters the response (3 and 4).
+    fn serve<'a>(
+        &'a self,
         peer: SocketAddr,
         mut req: Request<Body>,
         request_id: &HeaderValue,
         route_name: &'static str,
-    ) -> (&'static str, Response<Body>) {
+    ) -> Serving<
+        'a,
+        impl Future<Output = Served> + Send + use<'a>,
+        impl Future<Output = Served> + Send + use<'a>,
+    > {
         // 1. request filter
         if let Some(resp) = framing_check(&req, self.ctx.config.proxy.max_header_bytes) {
-            return ("local", resp);
+            return Serving::ready("local", resp);
         }
         let ingress = self.ingress(&mut req, peer.ip(), request_id);
         if tracing::level_enabled!(tracing::Level::INFO) {
@@ -206,43 +281,71 @@ impl Front {
         };
         let label = target.label();
         // 3. serve, 4. response filter
-        let resp = match target {
-            // Rare or heavy branches are boxed: a request's future is as large as its largest
-            // branch and is moved whole, so the hot proxy path stays small.
-            Target::GeoApi => Box::pin(self.serve_geo_api(req, peer)).await,
+        match target {
+            Target::GeoApi => {
+                Serving::boxed(async move { (label, self.serve_geo_api(req, peer).await) })
+            }
             Target::Forge => {
                 let req = strip_from_secondary_prefix(req);
-                self.serve_forge(req, &ingress, route_name).await
+                match &self.forge {
+                    Some(ForgeBackend::Upstream(forge)) => Serving::Forge {
+                        fut: self.forward_to_forge(req, &ingress, route_name, forge),
+                    },
+                    Some(ForgeBackend::Embedded(f)) => {
+                        let client = ingress.client;
+                        Serving::boxed(async move { (label, f.serve(req, client).await) })
+                    }
+                    None => Serving::ready(
+                        label,
+                        crate::http_util::error(
+                            StatusCode::NOT_FOUND,
+                            "no forge configured",
+                            false,
+                        ),
+                    ),
+                }
             }
             // A secondary's reads: the accelerator answers from the replica what it can
             // (DESIGN §3) and learns from what the primary answers.
             Target::Primary(route) if self.read_accel.is_some() => {
                 let accel = self.read_accel.as_ref().expect("checked");
-                match Box::pin(accel.intercept(req, ingress.client, true)).await {
-                    Intercept::Served(_, resp) => return ("local", resp),
-                    Intercept::Proxy(req, pending) => {
-                        let resp = self.serve_primary(*req, &ingress, route).await;
-                        Box::pin(accel.complete(pending, resp)).await
+                Serving::boxed(async move {
+                    match accel.intercept(req, ingress.client, true).await {
+                        Intercept::Served(_, resp) => ("local", resp),
+                        Intercept::Proxy(req, pending) => {
+                            let resp = match route {
+                                Ok(route) => self.forward_to_primary(*req, &ingress, route).await.1,
+                                Err(e) => self.primary_unreachable(req.headers(), &e),
+                            };
+                            (label, accel.complete(pending, resp).await)
+                        }
                     }
-                }
+                })
             }
             Target::Unavailable if self.read_accel.is_some() => {
                 let accel = self.read_accel.as_ref().expect("checked");
-                match Box::pin(accel.intercept(req, ingress.client, false)).await {
-                    Intercept::Served(_, resp) => return ("local", resp),
-                    Intercept::Proxy(req, pending) => {
-                        let resp =
-                            primary_unavailable(req.headers(), "the primary site is unknown");
-                        Box::pin(accel.complete(pending, resp)).await
+                Serving::boxed(async move {
+                    match accel.intercept(req, ingress.client, false).await {
+                        Intercept::Served(_, resp) => ("local", resp),
+                        Intercept::Proxy(req, pending) => {
+                            let resp =
+                                primary_unavailable(req.headers(), "the primary site is unknown");
+                            (label, accel.complete(pending, resp).await)
+                        }
                     }
-                }
+                })
             }
-            Target::Primary(route) => self.serve_primary(req, &ingress, route).await,
-            Target::Unavailable => {
-                primary_unavailable(req.headers(), "the primary site is unknown")
+            Target::Primary(Ok(route)) => Serving::Primary {
+                fut: self.forward_to_primary(req, &ingress, route),
+            },
+            Target::Primary(Err(e)) => {
+                Serving::ready(label, self.primary_unreachable(req.headers(), &e))
             }
-        };
-        (label, resp)
+            Target::Unavailable => Serving::ready(
+                label,
+                primary_unavailable(req.headers(), "the primary site is unknown"),
+            ),
+        }
     }
 
     /// Ingress header hygiene (DESIGN §2); see the module docs.
@@ -297,23 +400,14 @@ impl Front {
         }
     }
 
-    async fn serve_forge(
-        &self,
+    /// Proxies to the forge's upstream; a completed push is handed to the push sink.
+    fn forward_to_forge<'a>(
+        &'a self,
         req: Request<Body>,
         ingress: &Ingress,
         route_name: &'static str,
-    ) -> Response<Body> {
-        let forge = match &self.forge {
-            Some(ForgeBackend::Embedded(f)) => return Box::pin(f.serve(req, ingress.client)).await,
-            Some(ForgeBackend::Upstream(u)) => u,
-            None => {
-                return crate::http_util::error(
-                    StatusCode::NOT_FOUND,
-                    "no forge configured",
-                    false,
-                );
-            }
-        };
+        forge: &'a UpstreamBase,
+    ) -> impl Future<Output = Served> + Send + use<'a> {
         let json = crate::http_util::wants_json(req.headers());
         let forwarding = self.forwarding(&req, ingress);
         let hop = Hop {
@@ -324,38 +418,42 @@ impl Front {
         // only a push's path is kept (for its event)
         let push_path = (route_name == "git_receive_pack" && req.method() == http::Method::POST)
             .then(|| req.uri().path().to_string());
-        match self.upstream.forward(req, forge, hop).await {
-            Ok(resp) => match (&self.push_sink, push_path) {
-                (Some(sink), Some(path)) if resp.status() == StatusCode::OK => {
-                    let (parts, body) = resp.into_parts();
-                    Response::from_parts(
-                        parts,
-                        Body::new(PushDetectBody::new(body, sink.clone(), path)),
-                    )
-                }
-                _ => resp,
-            },
-            Err(e) => {
-                self.upstream_error("forge", &e);
-                crate::http_util::error(StatusCode::BAD_GATEWAY, "the forge is unreachable", json)
-            }
-        }
+        self.upstream
+            .forward(req, forge, hop)
+            .map(move |forwarded| {
+                let resp = match forwarded {
+                    Ok(resp) => match (&self.push_sink, push_path) {
+                        (Some(sink), Some(path)) if resp.status() == StatusCode::OK => {
+                            let (parts, body) = resp.into_parts();
+                            Response::from_parts(
+                                parts,
+                                Body::new(PushDetectBody::new(body, sink.clone(), path)),
+                            )
+                        }
+                        _ => resp,
+                    },
+                    Err(e) => {
+                        self.upstream_error("forge", &e);
+                        crate::http_util::error(
+                            StatusCode::BAD_GATEWAY,
+                            "the forge is unreachable",
+                            json,
+                        )
+                    }
+                };
+                ("forge", resp)
+            })
     }
 
-    async fn serve_primary(
-        &self,
+    /// Proxies to the primary with the Geo headers; `Location`/`Refresh`/`Set-Cookie` of the
+    /// response are rewritten for this site.
+    fn forward_to_primary<'a>(
+        &'a self,
         req: Request<Body>,
         ingress: &Ingress,
-        route: Result<Arc<PrimaryRoute>, UpstreamError>,
-    ) -> Response<Body> {
+        route: Arc<PrimaryRoute>,
+    ) -> impl Future<Output = Served> + Send + use<'a> {
         let json = crate::http_util::wants_json(req.headers());
-        let route = match route {
-            Ok(r) => r,
-            Err(e) => {
-                self.upstream_error("primary", &e);
-                return primary_unavailable_json(json, "the primary site is unreachable");
-            }
-        };
         let forwarding = self.forwarding(&req, ingress);
         let (with_token, marker_only);
         let extra: &[(HeaderName, HeaderValue)] = match self.extra_data_for(&route) {
@@ -377,20 +475,30 @@ impl Front {
             request_id: Some(&ingress.request_id),
             extra,
         };
-        match self.upstream.forward(req, &route.base, hop).await {
-            Ok(mut resp) => {
-                headers::rewrite_response(
-                    resp.headers_mut(),
-                    &route.rewrite_from,
-                    &self.ctx.config.external_url,
-                );
-                resp
-            }
-            Err(e) => {
-                self.upstream_error("primary", &e);
-                primary_unavailable_json(json, "the primary site is unreachable")
-            }
-        }
+        let forwarded = self.upstream.forward(req, RouteBase(route.clone()), hop);
+        forwarded.map(move |forwarded| {
+            let resp = match forwarded {
+                Ok(mut resp) => {
+                    headers::rewrite_response(
+                        resp.headers_mut(),
+                        &route.rewrite_from,
+                        &self.ctx.config.external_url,
+                    );
+                    resp
+                }
+                Err(e) => {
+                    self.upstream_error("primary", &e);
+                    primary_unavailable_json(json, "the primary site is unreachable")
+                }
+            };
+            ("primary", resp)
+        })
+    }
+
+    /// 503 for a primary whose URL does not work.
+    fn primary_unreachable(&self, h: &http::HeaderMap, e: &UpstreamError) -> Response<Body> {
+        self.upstream_error("primary", e);
+        primary_unavailable(h, "the primary site is unreachable")
     }
 
     /// What proxying to the primary at `primary` needs, worked out once per URL change
