@@ -60,7 +60,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             (front, Router::new())
         }
     };
-    let front = Arc::new(front);
+    // The front lives as long as the process (nothing in it is cleaned up on drop): leaked once
+    // here, each request's future borrows it for `'static` — no reference count is touched per
+    // request, and the request can be consumed inside hyper's service call (`proxy::server`).
+    let front: &'static Front = Box::leak(Box::new(front));
 
     let metrics = ctx.metrics.clone();
     let admin = Router::new()

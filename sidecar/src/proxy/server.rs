@@ -28,6 +28,7 @@ use crate::proxy::front::Front;
 use crate::proxy::metrics;
 use crate::proxy::sniff::SniffIo;
 use axum::body::Body;
+use futures::FutureExt;
 use geoforge_crds::config::ProxyTuning;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -99,14 +100,14 @@ pub fn io_threads(configured: usize) -> usize {
 /// Serves `listener` until `shutdown`, then drains.
 pub async fn serve(
     listener: TcpListener,
-    front: Arc<Front>,
+    front: &'static Front,
     tuning: ProxyTuning,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let threads = io_threads(tuning.io_threads);
     let mut workers = Vec::with_capacity(threads);
     for i in 0..threads {
-        workers.push(start_worker(i, front.clone(), tuning.clone())?);
+        workers.push(start_worker(i, front, tuning.clone())?);
     }
     let limit = Arc::new(Semaphore::new(tuning.max_connections.max(1)));
     let connections = front.metrics().connections.clone();
@@ -159,7 +160,7 @@ pub async fn serve(
 
 /// Starts one I/O thread; it serves what it is handed until the acceptor drops its sender,
 /// then drains its connections for up to `shutdownGrace`.
-fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Result<Worker> {
+fn start_worker(i: usize, front: &'static Front, tuning: ProxyTuning) -> anyhow::Result<Worker> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
     let (done_tx, done) = oneshot::channel();
     let open = Arc::new(AtomicUsize::new(0));
@@ -169,10 +170,6 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
     std::thread::Builder::new()
         .name(format!("geo-io-{i}"))
         .spawn(move || {
-            // This thread's own handle on the front: the per-request clones below then count
-            // on a reference count no other I/O thread writes (a shared one would move its
-            // cache line between cores twice per request).
-            let front = Arc::new(front);
             rt.block_on(async move {
                 tokio::spawn(coarse_timer::run_ticker());
                 metrics::batch_on_this_thread();
@@ -190,20 +187,20 @@ fn start_worker(i: usize, front: Arc<Front>, tuning: ProxyTuning) -> anyhow::Res
                     };
                     let drain = drain.clone();
                     let builder = builder.clone();
-                    let front = front.clone();
                     tokio::spawn(async move {
                         let (stream, conflict) = SniffIo::new(stream);
                         let svc = hyper::service::service_fn(
                             move |mut req: hyper::Request<Incoming>| {
-                                let front = front.clone();
                                 if conflict.is_set() {
                                     req.extensions_mut().insert(conflict.clone());
                                 }
-                                async move {
-                                    Ok::<_, Infallible>(
-                                        front.handle(peer, req.map(Body::new)).await,
-                                    )
-                                }
+                                // The request is looked at and let go of here, in the call:
+                                // hyper may read again before it polls the future, and its
+                                // read buffer is reused only once nothing refers to the last
+                                // head (else it allocates a new one per request).
+                                front
+                                    .handle(peer, req.map(Body::new))
+                                    .map(Ok::<_, Infallible>)
                             },
                         );
                         let conn =
