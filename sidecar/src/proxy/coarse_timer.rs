@@ -114,6 +114,15 @@ fn coarse_now(w: &mut Wheel) -> Instant {
     w.now
 }
 
+/// This thread's coarse clock on an I/O thread (up to a [`TICK`] old while deadlines are
+/// armed, read afresh otherwise), the exact clock anywhere else: for bookkeeping that a tick
+/// does not matter to, without a clock read per call.
+pub fn now() -> std::time::Instant {
+    with_wheel(coarse_now)
+        .unwrap_or_else(Instant::now)
+        .into_std()
+}
+
 /// Resolves once `at` has passed (coarsely on an I/O thread).
 pub enum Deadline {
     Coarse {

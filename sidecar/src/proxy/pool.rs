@@ -9,6 +9,7 @@
 //! never reused after the timeout, which stays below the upstream's keep-alive so that we,
 //! not the upstream, close first.
 
+use crate::proxy::coarse_timer;
 use crate::proxy::h1::Conn;
 use http::Uri;
 use std::cell::RefCell;
@@ -62,7 +63,8 @@ fn with_list<R>(upstream: u64, origin: &Uri, f: impl FnOnce(&mut Vec<Idle>) -> R
 /// The most recently used open idle connection to `origin`, if any.
 pub fn take(upstream: u64, origin: &Uri, idle_timeout: Duration) -> Option<Conn> {
     with_list(upstream, origin, |idle| {
-        let now = Instant::now();
+        // the coarse clock is up to a tick old: nothing next to an idle limit of seconds
+        let now = coarse_timer::now();
         while let Some(mut i) = idle.pop() {
             if now.duration_since(i.since) < idle_timeout && i.conn.is_idle_open() {
                 return Some(i.conn);
@@ -90,7 +92,7 @@ impl Checkin {
     }
 
     pub fn put(self, conn: Conn) {
-        self.put_at(conn, Instant::now());
+        self.put_at(conn, coarse_timer::now());
     }
 }
 
