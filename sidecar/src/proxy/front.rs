@@ -34,7 +34,7 @@ use http::{HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tower::ServiceExt;
@@ -65,8 +65,8 @@ pub struct Front {
     push_sink: Option<Arc<dyn PushSink>>,
     upstream: Upstream,
     metrics: ProxyMetrics,
-    extra_data: Mutex<Option<(String, HeaderValue, Instant)>>,
-    primary_parsed: Mutex<Option<(String, Arc<PrimaryRoute>)>>,
+    /// Tells fronts apart in the per-thread caches ([`ThreadPrimary`]).
+    id: u64,
     peer_sites: Vec<String>,
     warned_aud: std::sync::atomic::AtomicBool,
 }
@@ -145,6 +145,27 @@ impl std::ops::Deref for RouteBase {
     }
 }
 
+/// A secondary's I/O thread's own copy of what proxying to the primary needs. Its watch
+/// receiver tells a changed URL by reading a version, without the watch's lock; the route and
+/// the minted extra data are this thread's, so their reference counts are written by no
+/// other thread. Each thread picks up a new URL with its next request.
+struct ThreadPrimary {
+    front: u64,
+    watch: PrimaryWatch,
+    /// For the URL last seen: `None` when none is known.
+    route: Option<Result<Arc<PrimaryRoute>, UpstreamError>>,
+    /// The extra data last minted on this thread: audience, header, when.
+    token: Option<(String, HeaderValue, std::time::Instant)>,
+    seen: bool,
+}
+
+thread_local! {
+    static THREAD_PRIMARY: std::cell::RefCell<Option<ThreadPrimary>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+static NEXT_FRONT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl Front {
     /// `geo_api`: the primary's Geo API router; `forge`: the forge of a primary/disabled site;
     /// `primary`: a secondary's watch of the primary URL; `push_sink`: where completed pushes go.
@@ -179,8 +200,7 @@ impl Front {
             primary,
             read_accel: None,
             push_sink,
-            extra_data: Mutex::new(None),
-            primary_parsed: Mutex::new(None),
+            id: NEXT_FRONT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             peer_sites,
             warned_aud: false.into(),
             ctx,
@@ -269,10 +289,7 @@ impl Front {
         }
         // 2. pick target
         // the watch's guard is a lock: resolved (from a cache) and released right away
-        let primary = self.primary.as_ref().and_then(|w| {
-            let url = w.borrow();
-            url.as_deref().map(|u| self.primary_route(u))
-        });
+        let primary = self.primary.as_ref().and_then(|w| self.primary_route(w));
         let target = {
             let (parts, body) = req.into_parts();
             let t = route::pick_target(self.ctx.config.role, &parts, primary);
@@ -501,15 +518,37 @@ impl Front {
         primary_unavailable(h, "the primary site is unreachable")
     }
 
-    /// What proxying to the primary at `primary` needs, worked out once per URL change
-    /// rather than once per request.
-    fn primary_route(&self, primary: &str) -> Result<Arc<PrimaryRoute>, UpstreamError> {
-        let mut cache = self.primary_parsed.lock().expect("primary url cache");
-        if let Some((raw, route)) = cache.as_ref()
-            && raw == primary
-        {
-            return Ok(route.clone());
-        }
+    /// The route to the primary at the watched URL (`None`: no URL known). Each I/O thread
+    /// works it out once per URL change and keeps its own copy ([`ThreadPrimary`]): a request
+    /// takes no lock and counts no reference that another thread also writes.
+    fn primary_route(
+        &self,
+        watch: &PrimaryWatch,
+    ) -> Option<Result<Arc<PrimaryRoute>, UpstreamError>> {
+        THREAD_PRIMARY.with_borrow_mut(|slot| {
+            if !matches!(slot, Some(t) if t.front == self.id) {
+                *slot = Some(ThreadPrimary {
+                    front: self.id,
+                    watch: watch.clone(),
+                    route: None,
+                    token: None,
+                    seen: false,
+                });
+            }
+            let t = slot.as_mut().expect("set above");
+            // a closed watch keeps its last value: so does the route
+            if !t.seen || t.watch.has_changed().unwrap_or(false) {
+                let url = t.watch.borrow_and_update().clone();
+                t.route = url.map(|u| self.build_route(&u));
+                t.token = None;
+                t.seen = true;
+            }
+            t.route.clone()
+        })
+    }
+
+    /// What proxying to the primary at `primary` needs.
+    fn build_route(&self, primary: &str) -> Result<Arc<PrimaryRoute>, UpstreamError> {
         let url = url::Url::parse(primary).map_err(|e| UpstreamError::BadUrl(e.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") {
             return Err(UpstreamError::BadUrl(format!("scheme {}", url.scheme())));
@@ -518,13 +557,11 @@ impl Front {
         if let Some(ext) = &self.ctx.config.primary_external_url {
             rewrite_from.push(ext.clone());
         }
-        let route = Arc::new(PrimaryRoute {
+        Ok(Arc::new(PrimaryRoute {
             base: UpstreamBase::new(&url)?,
             rewrite_from,
             aud: self.primary_site(&url),
-        });
-        *cache = Some((primary.to_string(), route.clone()));
-        Ok(route)
+        }))
     }
 
     /// This hop's forwarding headers for `req`.
@@ -558,20 +595,29 @@ impl Front {
             .inc();
     }
 
-    /// The extra-data header for the primary of `route` (cached for a few seconds).
+    /// The extra-data header for the primary of `route`, minted per thread and reused for
+    /// [`EXTRA_DATA_CACHE`] (on the thread's coarse clock).
     fn extra_data_for(&self, route: &PrimaryRoute) -> Option<HeaderValue> {
         let aud = route.aud.as_deref()?;
-        let mut cache = self.extra_data.lock().expect("extra data cache");
-        if let Some((a, v, at)) = cache.as_ref()
-            && a == aud
-            && at.elapsed() < EXTRA_DATA_CACHE
-        {
-            return Some(v.clone());
-        }
-        let mut v = HeaderValue::from_str(&self.ctx.signing_key.extra_data(aud)).ok()?;
-        v.set_sensitive(true);
-        *cache = Some((aud.to_string(), v.clone(), Instant::now()));
-        Some(v)
+        let now = crate::proxy::coarse_timer::now();
+        THREAD_PRIMARY.with_borrow_mut(|slot| {
+            let cache = slot.as_mut().filter(|t| t.front == self.id);
+            if let Some(ThreadPrimary {
+                token: Some((a, v, at)),
+                ..
+            }) = &cache
+                && a == aud
+                && now.saturating_duration_since(*at) < EXTRA_DATA_CACHE
+            {
+                return Some(v.clone());
+            }
+            let mut v = HeaderValue::from_str(&self.ctx.signing_key.extra_data(aud)).ok()?;
+            v.set_sensitive(true);
+            if let Some(t) = cache {
+                t.token = Some((aud.to_string(), v.clone(), now));
+            }
+            Some(v)
+        })
     }
 
     fn primary_site(&self, base: &url::Url) -> Option<String> {
