@@ -181,11 +181,8 @@ impl RequestHead<'_> {
         for (n, v) in headers {
             size += n.as_str().len() + v.len() + 4;
         }
-        let named = if headers.contains_key(header::CONNECTION) {
-            headers::connection_named(headers)
-        } else {
-            Vec::new()
-        };
+        // one lookup; no allocation unless `Connection` names another header
+        let named = headers::connection_named(headers);
         let mut b = Vec::with_capacity(size);
         b.extend_from_slice(method.as_str().as_bytes());
         b.push(b' ');
@@ -211,20 +208,20 @@ impl RequestHead<'_> {
             if *n == header::HOST || headers::is_hop_by_hop(n) || named.contains(n) {
                 continue;
             }
-            push_line(&mut b, n, v.as_bytes());
+            headers::push_line(&mut b, n, v.as_bytes());
         }
         if let Some(f) = hop.forwarding {
             f.write(headers, forwarded_seen, &mut b);
         }
         if let Some(id) = hop.request_id {
-            push_line(&mut b, &headers::X_REQUEST_ID, id.as_bytes());
+            headers::push_line(&mut b, &headers::X_REQUEST_ID, id.as_bytes());
         }
         for (n, v) in hop.extra {
-            push_line(&mut b, n, v.as_bytes());
+            headers::push_line(&mut b, n, v.as_bytes());
         }
         if let Some(proto) = upgrade {
             b.extend_from_slice(b"connection: upgrade\r\n");
-            push_line(&mut b, &header::UPGRADE, proto.as_bytes());
+            headers::push_line(&mut b, &header::UPGRADE, proto.as_bytes());
         }
         match framing {
             ReqFraming::Empty => {
@@ -242,13 +239,6 @@ impl RequestHead<'_> {
         b.extend_from_slice(b"\r\n");
         Bytes::from(b)
     }
-}
-
-fn push_line(b: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    b.extend_from_slice(name.as_str().as_bytes());
-    b.extend_from_slice(b": ");
-    b.extend_from_slice(value);
-    b.extend_from_slice(b"\r\n");
 }
 
 fn push_decimal(b: &mut Vec<u8>, mut n: u64) {

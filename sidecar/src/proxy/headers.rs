@@ -146,14 +146,6 @@ fn forwarded_for(h: &HeaderMap) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Removes hop-by-hop headers, including those named in `Connection`.
-pub fn remove_hop_by_hop(h: &mut HeaderMap) {
-    for n in connection_named(h) {
-        h.remove(n);
-    }
-    remove_matching(h, is_hop_by_hop);
-}
-
 /// The other headers a `Connection` header names as hop-by-hop (usually none: it names only
 /// `keep-alive`, `close` or `upgrade`, which are hop-by-hop anyway, and nothing is allocated).
 pub fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
@@ -257,18 +249,23 @@ impl Forwarding {
                     }
                 }
             }
-            push_value(out, ours);
+            push_value(out, ours.as_bytes());
         };
         joined(out, &X_FORWARDED_FOR, &self.xff);
         joined(out, &header::FORWARDED, &self.forwarded);
         let theirs = |name| seen.then(|| client.get(name)).flatten();
         if let Some(host) = theirs(X_FORWARDED_HOST).or(self.host.as_ref()) {
-            push_name(out, &X_FORWARDED_HOST);
-            push_value(out, host);
+            push_line(out, &X_FORWARDED_HOST, host.as_bytes());
         }
-        push_name(out, &X_FORWARDED_PROTO);
-        push_value(out, theirs(X_FORWARDED_PROTO).unwrap_or(&self.proto));
+        let proto = theirs(X_FORWARDED_PROTO).unwrap_or(&self.proto);
+        push_line(out, &X_FORWARDED_PROTO, proto.as_bytes());
     }
+}
+
+/// Writes one `name: value` head line.
+pub fn push_line(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    push_name(out, name);
+    push_value(out, value);
 }
 
 fn push_name(out: &mut Vec<u8>, name: &HeaderName) {
@@ -276,8 +273,8 @@ fn push_name(out: &mut Vec<u8>, name: &HeaderName) {
     out.extend_from_slice(b": ");
 }
 
-fn push_value(out: &mut Vec<u8>, v: &HeaderValue) {
-    out.extend_from_slice(v.as_bytes());
+fn push_value(out: &mut Vec<u8>, v: &[u8]) {
+    out.extend_from_slice(v);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -441,6 +438,15 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Hop-by-hop headers removed from a map, as the request head writer leaves them out
+    /// ([`crate::proxy::h1::RequestHead::encode`]).
+    fn remove_hop_by_hop(h: &mut HeaderMap) {
+        for n in connection_named(h) {
+            h.remove(n);
+        }
+        remove_matching(h, is_hop_by_hop);
+    }
 
     /// The client's headers `h` as the upstream sees them: with this hop's forwarding headers
     /// written as the request head writer writes them.
