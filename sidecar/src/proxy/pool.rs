@@ -91,20 +91,7 @@ impl Checkin {
         }
     }
 
-    pub fn put(self, conn: Conn) {
-        self.put_at(conn, coarse_timer::now());
-    }
-}
-
-impl crate::proxy::h1::Checkin for Checkin {
-    fn put(self, conn: Conn) {
-        Checkin::put(self, conn);
-    }
-}
-
-impl Checkin {
-    /// Checks in as idle since `at`, which is also "now" for dropping expired neighbours
-    /// (one clock read per check-in).
+    /// Checks in as idle since `at`, which is also "now" for dropping expired neighbours.
     fn put_at(self, conn: Conn, at: Instant) {
         let Checkin {
             upstream,
@@ -126,9 +113,17 @@ impl Checkin {
     }
 }
 
+impl crate::proxy::h1::Checkin for Checkin {
+    fn put(self, conn: Conn) {
+        // the I/O thread's coarse clock: the idle limit is seconds, a tick is 100 ms
+        self.put_at(conn, coarse_timer::now());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::h1::Checkin as _;
     use tokio::io::AsyncReadExt;
 
     /// A loopback server that reports when the client closed its connection, and a
