@@ -123,11 +123,15 @@ pub fn flush_thread() {
             }
         }
         for (_, _, histogram, samples) in &mut t.latency {
-            for s in samples.drain(..) {
-                histogram.observe(s);
-            }
+            observe_all(histogram, samples);
         }
     })
+}
+
+fn observe_all(histogram: &Histogram, samples: &mut Vec<f64>) {
+    for s in samples.drain(..) {
+        histogram.observe(s);
+    }
 }
 
 /// Flushes this thread's tallies every 100 ms, for as long as the thread's runtime runs.
@@ -172,9 +176,7 @@ impl ProxyMetrics {
             let (_, _, histogram, samples) = &mut t.latency[i];
             samples.push(seconds);
             if !t.batched || samples.len() >= MAX_PENDING_SAMPLES {
-                for s in samples.drain(..) {
-                    histogram.observe(s);
-                }
+                observe_all(histogram, samples);
             }
         })
     }

@@ -160,9 +160,7 @@ impl Upstream {
         let out = Outgoing::new(&base, "", parts, body, None, Hop::default());
         let x = self.send(&base, out).await?;
         if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(UpstreamError::Other(
-                "upstream switched protocols without being asked".into(),
-            ));
+            return Err(unasked_switch());
         }
         self.response(&base, x)
     }
@@ -193,9 +191,7 @@ impl Upstream {
             let x = self.send(&base, out).await?;
             if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
                 let Some(client_upgrade) = client_upgrade else {
-                    return Err(UpstreamError::Other(
-                        "upstream switched protocols without being asked".into(),
-                    ));
+                    return Err(unasked_switch());
                 };
                 return Ok(tunnel(x.conn, x.head, client_upgrade, upgrade));
             }
@@ -351,6 +347,11 @@ impl Outgoing {
             is_head: parts.method == Method::HEAD,
         }
     }
+}
+
+/// A 101 to a request that asked for no upgrade.
+fn unasked_switch() -> UpstreamError {
+    UpstreamError::Other("upstream switched protocols without being asked".into())
 }
 
 fn exchange_error(e: h1::ExchangeError) -> UpstreamError {
