@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # User-space instructions per proxied request (issue 3), counted by valgrind's callgrind:
-# geo-sidecar against the bare hyper 1 proxy of `sidecar/examples/bare_hyper_proxy.rs` (hyper
+# geo-sidecar against nginx as the reverse proxy (one worker process, master process off, the
+# configuration of bench/proxy.sh) and against the bare hyper 1 proxy of `sidecar/examples/bare_hyper_proxy.rs` (hyper
 # on both sides, tokio, the same thread layout and allocator, nothing else), each in front of
 # the same upstream nginx as bench/proxy.sh. The sidecar's upstream side is its own HTTP/1.1
 # exchange (proxy/h1.rs), cheaper than hyper's client: the difference is its whole path's
@@ -70,7 +71,15 @@ sed -e "s/service: \"127.0.0.1:[0-9]*\"/service: \"127.0.0.1:$SC\"/" \
 mkdir -p "$OUT/state"
 read -r _ S_N S_IR <<<"$(count sidecar "http://127.0.0.1:$SC/hello" "$TARGET/geo-sidecar" --config "$OUT/sidecar.yaml")"
 read -r _ B_N B_IR <<<"$(count bare "http://127.0.0.1:$BARE/hello" "$TARGET/examples/bare_hyper_proxy" "127.0.0.1:$BARE" "127.0.0.1:$UP" 1)"
-echo "user-space instructions per proxied request (callgrind; GET /hello through one I/O thread):"
-printf "  %-22s %8s  (%s requests)\n" "geo-sidecar" "$S_IR" "$S_N" "bare hyper 1 proxy" "$B_IR" "$B_N"
+# nginx in the foreground as one process (valgrind follows no fork), proxying as in proxy.sh
+NGX=$(free_port); mkdir -p "$OUT/ngx/tmp"
+sed -e 's/^worker_processes auto;/daemon off; master_process off; worker_processes 1;/' \
+    -e "s#^pid .*#pid $OUT/ngx/nginx.pid;#" -e "s#^error_log .*#error_log $OUT/ngx/error.log warn;#" \
+    -e "s#$WORK/tmp#$OUT/ngx/tmp#g" -e "s/listen 127.0.0.1:[0-9]*;/listen 127.0.0.1:$NGX;/" \
+    "$WORK/nginx.conf" >"$OUT/ngx/nginx.conf"
+read -r _ N_N N_IR <<<"$(count nginx "http://127.0.0.1:$NGX/hello" "$(command -v nginx || echo /usr/sbin/nginx)" -c "$OUT/ngx/nginx.conf" -p "$OUT/ngx")"
+echo "user-space instructions per proxied request (callgrind; GET /hello through one I/O thread or worker):"
+printf "  %-22s %8s  (%s requests)\n" "geo-sidecar" "$S_IR" "$S_N" "nginx" "$N_IR" "$N_N" "bare hyper 1 proxy" "$B_IR" "$B_N"
+awk -v s="$S_IR" -v n="$N_IR" 'BEGIN { printf "  ratio sidecar / nginx: %.2fx (difference: %d instructions)\n", s/n, s-n }'
 awk -v s="$S_IR" -v b="$B_IR" 'BEGIN { printf "  ratio sidecar / bare hyper: %.2fx (difference: %d instructions)\n", s/b, s-b }'
 [ -z "${KEEP:-}" ] || echo "callgrind files: $OUT/*.cg.* (callgrind_annotate --inclusive=yes …)"

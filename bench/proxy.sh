@@ -3,8 +3,8 @@
 # the same concurrency, on loopback only. Prints requests/s and p99 for both and the ratios,
 # then the sidecar's peak RSS while streaming a 1 GiB body down and up through it.
 #
-#   bash bench/proxy.sh            # defaults: 3 alternating runs of 10 s, 64 connections, 2 wrk threads
-#   DURATION=20s CONNS=128 RUNS=5 bash bench/proxy.sh
+#   bash bench/proxy.sh            # defaults: 9 rounds of 5 s runs, 64 connections, 2 wrk threads
+#   DURATION=10s CONNS=128 RUNS=5 bash bench/proxy.sh
 #   HOLD=1 NO_BUILD=1 bash bench/proxy.sh   # start both and wait (for perf record)
 #   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
 #   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
@@ -31,10 +31,10 @@
 # one process, which no real deployment does, and which the sidecar cannot do.
 set -euo pipefail
 
-DURATION=${DURATION:-10s}
+DURATION=${DURATION:-5s}
 CONNS=${CONNS:-64}
 THREADS=${THREADS:-2}
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-9}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/geoforge-bench.XXXXXX)
 PIDS=()
@@ -193,17 +193,28 @@ to_ms() { # wrk latency (e.g. 1.23ms, 850.00us, 1.02s) → ms
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; upstream: ${UPSTREAM:-separate} nginx; sidecar role ${ROLE:-disabled}, ioThreads: ${IO_THREADS:-0} (0: one per CPU)"
-# Alternate nginx and sidecar runs and take the median of each (a shared machine is noisy).
+# Rounds: each runs every proxy once, in a shuffled order (no proxy always runs right after
+# another's load or first in a round). This machine's speed drifts by ±15 % over tens of
+# seconds, so the per-round ratio (a proxy against nginx's run of the same round) is the
+# figure to read; the summary gives its median over the rounds with a 95 % bootstrap
+# interval, which says whether a difference is larger than the drift.
 N_R=(); N_P=(); S_R=(); S_P=(); B_R=(); B_P=()
+PROXIES="nginx sidecar"; [ -n "${FLOOR:-}" ] && PROXIES+=" bare"
+: >"$WORK/rounds.tsv"
 for i in $(seq 1 "$RUNS"); do
-  read -r r p <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"; N_R+=("$r"); N_P+=("$p")
-  read -r r p <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"; S_R+=("$r"); S_P+=("$p")
+  for proxy in $(printf "%s\n" $PROXIES | shuf); do
+    case $proxy in
+      nginx) read -r r p <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"; N_R+=("$r"); N_P+=("$p") ;;
+      sidecar) read -r r p <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"; S_R+=("$r"); S_P+=("$p") ;;
+      bare) read -r r p <<<"$(run_wrk "http://127.0.0.1:$BP/hello")"; B_R+=("$r"); B_P+=("$p") ;;
+    esac
+  done
   line=$(printf "  run %d: nginx %s req/s p99 %s ms | sidecar %s req/s p99 %s ms" "$i" "${N_R[-1]}" "${N_P[-1]}" "${S_R[-1]}" "${S_P[-1]}")
-  if [ -n "${FLOOR:-}" ]; then
-    read -r r p <<<"$(run_wrk "http://127.0.0.1:$BP/hello")"; B_R+=("$r"); B_P+=("$p")
-    line+=$(printf " | bare hyper %s req/s p99 %s ms" "${B_R[-1]}" "${B_P[-1]}")
-  fi
+  [ -z "${FLOOR:-}" ] || line+=$(printf " | bare hyper %s req/s p99 %s ms" "${B_R[-1]}" "${B_P[-1]}")
   echo "$line"
+  round="${N_R[-1]} ${N_P[-1]} ${S_R[-1]} ${S_P[-1]}"
+  [ -z "${FLOOR:-}" ] || round+=" ${B_R[-1]} ${B_P[-1]}"
+  echo "$round" >>"$WORK/rounds.tsv"
 done
 median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 N_RPS=$(median "${N_R[@]}"); N_P99=$(median "${N_P[@]}")
@@ -213,13 +224,30 @@ printf "%-10s %12s %10s\n" proxy "requests/s" "p99 ms"
 printf "%-10s %12s %10s\n" nginx "$N_RPS" "$N_P99"
 printf "%-10s %12s %10s\n" sidecar "$S_RPS" "$S_P99"
 awk -v s="$S_RPS" -v n="$N_RPS" -v sp="$S_P99" -v np="$N_P99" \
-  'BEGIN { printf "ratio sidecar/nginx: requests/s %.2fx, p99 %.2fx\n", s/n, sp/np }'
+  'BEGIN { printf "ratio of medians sidecar/nginx: requests/s %.2fx, p99 %.2fx\n", s/n, sp/np }'
 if [ -n "${FLOOR:-}" ]; then
   B_RPS=$(median "${B_R[@]}"); B_P99=$(median "${B_P[@]}")
   printf "%-10s %12s %10s\n" "bare hyper" "$B_RPS" "$B_P99"
   awk -v b="$B_RPS" -v n="$N_RPS" -v s="$S_RPS" -v bp="$B_P99" -v np="$N_P99" \
-    'BEGIN { printf "ratio bare hyper/nginx: requests/s %.2fx, p99 %.2fx; sidecar/bare hyper: requests/s %.2fx\n", b/n, bp/np, s/b }'
+    'BEGIN { printf "ratio of medians bare hyper/nginx: requests/s %.2fx, p99 %.2fx; sidecar/bare hyper: requests/s %.2fx\n", b/n, bp/np, s/b }'
 fi
+# Per-round ratios: median, 95 % bootstrap interval of the median (fixed seed), rounds won.
+python3 - "$WORK/rounds.tsv" "${FLOOR:-}" <<'PY'
+import random, statistics, sys
+rows = [[float(x) for x in l.split()] for l in open(sys.argv[1]) if l.strip()]
+def report(name, xs, better):
+    random.seed(7)
+    meds = sorted(statistics.median(random.choices(xs, k=len(xs))) for _ in range(4000))
+    won = sum(1 for x in xs if better(x))
+    print(f"  {name}: median {statistics.median(xs):.3f}x (95% interval {meds[100]:.3f}-{meds[3899]:.3f}), "
+          f"better than or equal to nginx in {won} of {len(xs)} rounds")
+print(f"per-round ratios over {len(rows)} rounds:")
+report("sidecar/nginx requests/s", [r[2] / r[0] for r in rows], lambda x: x >= 1)
+report("sidecar/nginx p99       ", [r[3] / r[1] for r in rows], lambda x: x <= 1)
+if sys.argv[2]:
+    report("bare/nginx requests/s   ", [r[4] / r[0] for r in rows], lambda x: x >= 1)
+    report("bare/nginx p99          ", [r[5] / r[1] for r in rows], lambda x: x <= 1)
+PY
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 
 # --- RSS while streaming 1 GiB --------------------------------------------------------------

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Where a proxied request's CPU goes (issue 3): user and system µs per request of the proxy,
+# of the upstream nginx and of wrk, for nginx as the reverse proxy and for geo-sidecar, in
+# alternating runs against the setup of bench/proxy.sh (left running with HOLD=1), plus how
+# busy the machine was. It shows how far a cheaper proxy can move requests/s on this machine:
+# the proxy's share of all the CPU a request costs, and the kernel's share of the proxy's.
+#
+#   NO_BUILD=1 bash bench/proxy-cpu.sh          # ROUNDS=4, SECONDS_PER_RUN=5, CONNS=64
+#
+# The upstream does the same work per request behind either proxy, so the proxy's CPU divided
+# by the upstream's in the same run ("÷ upstream") compares the proxies with the machine's
+# speed, which drifts here by ±15 % between runs, taken out.
+#
+# Times come from /proc/<pid>/stat (utime, stime; clock ticks, usually 10 ms) of the proxy's
+# processes and the upstream's worker processes, and from the shell's `times` for wrk.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${ROUNDS:-4}
+SECS=${SECONDS_PER_RUN:-5}
+CONNS=${CONNS:-64}
+OUT=$(mktemp -d /tmp/geoforge-cpu.XXXXXX)
+cleanup() {
+  [ -n "${HOLD_PID:-}" ] && kill -- -"$HOLD_PID" 2>/dev/null || true
+  rm -rf "$OUT"
+}
+trap cleanup EXIT
+
+set -m
+(HOLD=1 bash "$ROOT/bench/proxy.sh" >"$OUT/hold.log" 2>&1) &
+HOLD_PID=$!
+set +m
+for _ in $(seq 1 3000); do grep -q '^HOLD' "$OUT/hold.log" && break; sleep 0.1; done
+grep -q '^HOLD' "$OUT/hold.log" || { cat "$OUT/hold.log" >&2; echo "bench/proxy.sh did not come up" >&2; exit 1; }
+NGX_URL=$(grep -oP '^HOLD: nginx \K\S+' "$OUT/hold.log")
+SC_URL=$(grep -oP 'sidecar \Khttp\S+' "$OUT/hold.log")
+SC_PID=$(grep -oP '\(pid \K\d+' "$OUT/hold.log")
+WORK=$(grep -oP '^HOLD: .* work \K[^;[:space:]]+' "$OUT/hold.log")
+NGX_PIDS=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
+UP_PIDS=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
+HZ=$(getconf CLK_TCK)
+
+ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
+machine() { awk '/^cpu / {print $2+$3+$4+$6+$7+$8, $5}' /proc/stat; }
+to_s() { awk -v t="$1" 'BEGIN { split(t, a, "m"); sub("s", "", a[2]); print a[1]*60 + a[2] }'; }
+
+measure() { # label url pids… → one line
+  local label=$1 url=$2; shift 2
+  wrk -t2 -c"$CONNS" -d1s "$url" >/dev/null
+  local p0 u0 m0 i0; read -r p0 u0 < <(ticks "$@"); read -r m0 i0 < <(machine)
+  local ups0 upu0; read -r ups0 upu0 < <(ticks $UP_PIDS)
+  local t; t=$( (wrk -t2 -c"$CONNS" -d"${SECS}s" "$url" >"$OUT/wrk.out"; times) | tail -1)
+  local p1 u1 m1 i1; read -r p1 u1 < <(ticks "$@"); read -r m1 i1 < <(machine)
+  local ups1 upu1; read -r ups1 upu1 < <(ticks $UP_PIDS)
+  local n; n=$(awk '/requests in/ {print $1}' "$OUT/wrk.out")
+  local wu ws; wu=$(to_s "$(awk '{print $1}' <<<"$t")"); ws=$(to_s "$(awk '{print $2}' <<<"$t")")
+  awk -v l="$label" -v n="$n" -v d="$SECS" -v hz="$HZ" -v pu=$((p1 - p0)) -v ps=$((u1 - u0)) \
+      -v uu=$((ups1 - ups0)) -v us=$((upu1 - upu0)) -v wu="$wu" -v ws="$ws" \
+      -v busy=$((m1 - m0)) -v idle=$((i1 - i0)) 'BEGIN {
+    f = 1e6 / hz / n
+    pr = (pu + ps) * f; up = (uu + us) * f; w = (wu + ws) * 1e6 / n; all = pr + up + w
+    printf "%-8s %7.0f req/s | proxy %5.2f user %5.2f sys, %4.2f÷ upstream | upstream %5.2f | wrk %5.2f | all %5.1f µs/req, proxy %2.0f%% of it | machine busy %3.0f%%\n",
+      l, n / d, pu * f, ps * f, pr / up, up, w, all, 100 * pr / all, 100 * busy / (busy + idle) }'
+}
+
+echo "µs of CPU per request (wrk -t2 -c$CONNS -d${SECS}s, GET /hello; $(nproc) CPUs)"
+for _ in $(seq 1 "$ROUNDS"); do
+  measure nginx "$NGX_URL" $NGX_PIDS
+  measure sidecar "$SC_URL" "$SC_PID"
+done
