@@ -26,16 +26,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-set -m
-(HOLD=1 bash "$ROOT/bench/proxy.sh" >"$OUT/hold.log" 2>&1) &
-HOLD_PID=$!
-set +m
-for _ in $(seq 1 3000); do grep -q '^HOLD' "$OUT/hold.log" && break; sleep 0.1; done
-grep -q '^HOLD' "$OUT/hold.log" || { cat "$OUT/hold.log" >&2; echo "bench/proxy.sh did not come up" >&2; exit 1; }
+. "$ROOT/bench/hold.sh"
+hold_start "$OUT/hold.log"
 NGX_URL=$(grep -oP '^HOLD: nginx \K\S+' "$OUT/hold.log")
 SC_URL=$(grep -oP 'sidecar \Khttp\S+' "$OUT/hold.log")
 SC_PID=$(grep -oP '\(pid \K\d+' "$OUT/hold.log")
-WORK=$(grep -oP '^HOLD: .* work \K[^;[:space:]]+' "$OUT/hold.log")
 NGX_PIDS=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
 UP_PIDS=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
 HZ=$(getconf CLK_TCK)

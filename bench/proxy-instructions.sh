@@ -37,13 +37,8 @@ cleanup() {
 trap cleanup EXIT
 
 # The upstream and a sidecar config, from bench/proxy.sh left running (HOLD).
-set -m
-(CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" HOLD=1 NO_BUILD=1 IO_THREADS=1 bash "$ROOT/bench/proxy.sh" >"$HOLD_LOG" 2>&1) &
-HOLD_PID=$!
-set +m
-for _ in $(seq 1 200); do grep -q '^HOLD' "$HOLD_LOG" && break; sleep 0.1; done
-grep -q '^HOLD' "$HOLD_LOG" || { cat "$HOLD_LOG" >&2; echo "bench/proxy.sh did not come up" >&2; exit 1; }
-WORK=$(grep -oP '^HOLD: .* work \K[^;[:space:]]+' "$HOLD_LOG")
+. "$ROOT/bench/hold.sh"
+hold_start "$HOLD_LOG" CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" NO_BUILD=1 IO_THREADS=1
 UP=$(grep -oP 'server 127.0.0.1:\K\d+' "$WORK/nginx.conf")
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -1,0 +1,16 @@
+# Sourced by the proxy benchmarks that measure the setup of bench/proxy.sh left running.
+# hold_start LOG [VAR=value…]: starts `HOLD=1 bench/proxy.sh` (with those variables) in a
+# process group of its own, so that `kill -- -$HOLD_PID` stops all of it, and waits until both
+# proxies answer (the first run builds the release binaries: minutes). Sets HOLD_PID and WORK
+# (proxy.sh's work directory: its nginx configurations, pid files and sidecar.yaml).
+hold_start() {
+  local log=$1
+  shift
+  set -m
+  (env "$@" HOLD=1 bash "$ROOT/bench/proxy.sh" >"$log" 2>&1) &
+  HOLD_PID=$!
+  set +m
+  for _ in $(seq 1 3000); do grep -q '^HOLD' "$log" && break; sleep 0.1; done
+  grep -q '^HOLD' "$log" || { cat "$log" >&2; echo "bench/proxy.sh did not come up" >&2; exit 1; }
+  WORK=$(grep -oP '^HOLD: .* work \K[^;[:space:]]+' "$log")
+}
