@@ -27,7 +27,7 @@
 //! run first on its CPU while it stays runnable, instead of it sleeping and being woken (and
 //! often preempting the very process that woke it) once per burst of events. Measured with
 //! 64 connections on 2 CPUs (BENCHMARKS.md, fourth round): p99 0.72–0.83× nginx's instead of
-//! 1.09–1.12×, requests/s within 2 % (inside the noise). On an idle CPU the call returns at
+//! 1.09–1.13×, requests/s within about 1 % (inside the noise). On an idle CPU the call returns at
 //! once: one system call per sleep.
 
 use crate::proxy::coarse_timer;
