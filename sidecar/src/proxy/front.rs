@@ -155,7 +155,7 @@ struct ThreadPrimary {
     /// For the URL last seen: `None` when none is known.
     route: Option<Result<Arc<PrimaryRoute>, UpstreamError>>,
     /// The extra data last minted on this thread: audience, header, when.
-    token: Option<(String, HeaderValue, std::time::Instant)>,
+    token: Option<(String, HeaderValue, Instant)>,
     seen: bool,
 }
 
@@ -288,7 +288,7 @@ impl Front {
             }
         }
         // 2. pick target
-        // the watch's guard is a lock: resolved (from a cache) and released right away
+        // this thread's copy of the route: the watch's lock is taken only when the URL changed
         let primary = self.primary.as_ref().and_then(|w| self.primary_route(w));
         let target = {
             let (parts, body) = req.into_parts();
