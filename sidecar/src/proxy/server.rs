@@ -26,9 +26,9 @@
 //! before it sleeps in `epoll_wait`. On a busy machine the clients and the upstream are then
 //! run first on its CPU while it stays runnable, instead of it sleeping and being woken (and
 //! often preempting the very process that woke it) once per burst of events. Measured with
-//! 64 connections on 2 CPUs (BENCHMARKS.md, fourth round): p99 0.72–0.83× nginx's instead of
-//! 1.09–1.13×, requests/s within about 1 % (inside the noise). On an idle CPU the call returns at
-//! once: one system call per sleep.
+//! 64 connections on 2 CPUs (BENCHMARKS.md, fourth round): p99 0.72–0.83× nginx's instead
+//! of 1.09–1.13×, requests/s within about 1 % (inside the noise). On an idle CPU the call
+//! returns at once: one system call per sleep.
 
 use crate::proxy::coarse_timer;
 use crate::proxy::drain::Drain;

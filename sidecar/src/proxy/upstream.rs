@@ -457,11 +457,6 @@ mod tests {
             "GET /y?z HTTP/1.1\r\nhost: h\r\n\r\n"
         );
     }
-}
-
-#[cfg(test)]
-mod future_size {
-    use super::*;
 
     /// A request's future is moved whole into its callers' futures and into the
     /// connection's; [`Upstream::forward`] writes the head up front so that its future holds
