@@ -36,26 +36,25 @@ UP_PIDS=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
 HZ=$(getconf CLK_TCK)
 
 ticks() { for p in "$@"; do awk '{print $14, $15}' "/proc/$p/stat"; done | awk '{u+=$1; s+=$2} END {print u+0, s+0}'; }
-machine() { awk '/^cpu / {print $2+$3+$4+$6+$7+$8, $5}' /proc/stat; }
+# "proxy-user proxy-system upstream-user upstream-system machine-busy machine-idle" (ticks)
+snapshot() { echo "$(ticks "$@") $(ticks $UP_PIDS) $(awk '/^cpu / {print $2+$3+$4+$6+$7+$8, $5}' /proc/stat)"; }
 to_s() { awk -v t="$1" 'BEGIN { split(t, a, "m"); sub("s", "", a[2]); print a[1]*60 + a[2] }'; }
 
 measure() { # label url pids… → one line
   local label=$1 url=$2; shift 2
   wrk -t2 -c"$CONNS" -d1s "$url" >/dev/null
-  local p0 u0 m0 i0; read -r p0 u0 < <(ticks "$@"); read -r m0 i0 < <(machine)
-  local ups0 upu0; read -r ups0 upu0 < <(ticks $UP_PIDS)
-  local t; t=$( (wrk -t2 -c"$CONNS" -d"${SECS}s" "$url" >"$OUT/wrk.out"; times) | tail -1)
-  local p1 u1 m1 i1; read -r p1 u1 < <(ticks "$@"); read -r m1 i1 < <(machine)
-  local ups1 upu1; read -r ups1 upu1 < <(ticks $UP_PIDS)
-  local n; n=$(awk '/requests in/ {print $1}' "$OUT/wrk.out")
-  local wu ws; wu=$(to_s "$(awk '{print $1}' <<<"$t")"); ws=$(to_s "$(awk '{print $2}' <<<"$t")")
-  awk -v l="$label" -v n="$n" -v d="$SECS" -v hz="$HZ" -v pu=$((p1 - p0)) -v ps=$((u1 - u0)) \
-      -v uu=$((ups1 - ups0)) -v us=$((upu1 - upu0)) -v wu="$wu" -v ws="$ws" \
-      -v busy=$((m1 - m0)) -v idle=$((i1 - i0)) 'BEGIN {
+  local before after wrk_times n
+  before=$(snapshot "$@")
+  wrk_times=$( (wrk -t2 -c"$CONNS" -d"${SECS}s" "$url" >"$OUT/wrk.out"; times) | tail -1)
+  after=$(snapshot "$@")
+  n=$(awk '/requests in/ {print $1}' "$OUT/wrk.out")
+  awk -v l="$label" -v n="$n" -v d="$SECS" -v hz="$HZ" -v b="$before" -v a="$after" \
+      -v wu="$(to_s "${wrk_times% *}")" -v ws="$(to_s "${wrk_times#* }")" 'BEGIN {
+    split(b, x); split(a, y); for (i = 1; i <= 6; i++) dt[i] = y[i] - x[i]
     f = 1e6 / hz / n
-    pr = (pu + ps) * f; up = (uu + us) * f; w = (wu + ws) * 1e6 / n; all = pr + up + w
+    pr = (dt[1] + dt[2]) * f; up = (dt[3] + dt[4]) * f; w = (wu + ws) * 1e6 / n; all = pr + up + w
     printf "%-8s %7.0f req/s | proxy %5.2f user %5.2f sys, %4.2f÷ upstream | upstream %5.2f | wrk %5.2f | all %5.1f µs/req, proxy %2.0f%% of it | machine busy %3.0f%%\n",
-      l, n / d, pu * f, ps * f, pr / up, up, w, all, 100 * pr / all, 100 * busy / (busy + idle) }'
+      l, n / d, dt[1] * f, dt[2] * f, pr / up, up, w, all, 100 * pr / all, 100 * dt[5] / (dt[5] + dt[6]) }'
 }
 
 echo "µs of CPU per request (wrk -t2 -c$CONNS -d${SECS}s, GET /hello; $(nproc) CPUs)"
