@@ -9,7 +9,7 @@
 #   IO_THREADS=1 bash bench/proxy.sh        # the sidecar's proxy.ioThreads (default 0: one per CPU)
 #   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
 #   ROLE=secondary bash bench/proxy.sh      # the sidecar as a Geo secondary proxying to the upstream
-#   FLOOR=1 bash bench/proxy.sh             # also a bare hyper 1 proxy (below)
+#   FLOOR=1 bash bench/proxy.sh             # also a bare hyper 1 proxy and a raw floor (below)
 #
 # The upstream is an nginx server answering a small fixed body (and serving a 1 GiB sparse
 # file for the streaming run); the reverse-proxy nginx is configured at its best (an
@@ -17,12 +17,15 @@
 # the release build as a `role: disabled` site whose forge is the same upstream (ROLE=secondary:
 # a secondary whose primary is that upstream).
 #
-# FLOOR=1 adds a third proxy to the same alternating runs: `sidecar/examples/bare_hyper_proxy.rs`,
+# FLOOR=1 adds two more proxies to the same shuffled rounds. `sidecar/examples/bare_hyper_proxy.rs`:
 # hyper 1 on both sides and tokio, with the sidecar's thread layout and allocator and nothing
 # else (no header hygiene, routing, metrics, logs, timeouts or retries): what a proxy built
 # from hyper's server and client can at best do here. (The sidecar's upstream side is its own
 # HTTP/1.1 exchange, proxy/h1.rs, so it can beat this.) bench/proxy-instructions.sh counts the
-# same comparison in instructions.
+# same comparison in instructions. `sidecar/examples/raw_h1_proxy.rs`: no HTTP library at all,
+# each request head found with httparse and copied to a pooled upstream connection unchanged,
+# the response copied back (bodiless requests, Content-Length responses only), with the
+# sidecar's threads, allocator and yield: what the kernel and tokio leave for any proxy here.
 #
 # The upstream runs in its own nginx instance (its own worker processes), as an upstream does
 # in any deployment, so both proxies add the same processes to the machine.
@@ -57,12 +60,13 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 echo "building geo-sidecar (release)" >&2
 [ -n "${NO_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p geo-sidecar)
-[ -z "${FLOOR:-}" ] || [ -n "${NO_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p geo-sidecar --example bare_hyper_proxy)
+[ -z "${FLOOR:-}" ] || [ -n "${NO_BUILD:-}" ] || (cd "$ROOT" && cargo build --release -q -p geo-sidecar --example bare_hyper_proxy --example raw_h1_proxy)
 SIDECAR="${CARGO_TARGET_DIR:-$ROOT/target}/release/geo-sidecar"
 BARE="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_hyper_proxy"
+RAW="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/raw_h1_proxy"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); BP=$(free_port)
+UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); BP=$(free_port); RP=$(free_port)
 
 # --- upstream + reverse proxy: one nginx, two server blocks -------------------------------
 mkdir -p "$WORK/www/upload" "$WORK/tmp" "$WORK/up/tmp"
@@ -171,6 +175,9 @@ if [ -n "${FLOOR:-}" ]; then
   setsid "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" "$( [ "${IO_THREADS:-0}" -gt 0 ] && echo "$IO_THREADS" || nproc )" &
   PIDS+=("$!")
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$BP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
+  setsid "$RAW" "127.0.0.1:$RP" "127.0.0.1:$UP" "$( [ "${IO_THREADS:-0}" -gt 0 ] && echo "$IO_THREADS" || nproc )" &
+  PIDS+=("$!")
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$RP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
 fi
 if [ -n "${HOLD:-}" ]; then # for profiling: leave both proxies up until interrupted
   echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID) work $WORK; Ctrl-C ends" >&2
@@ -198,8 +205,8 @@ echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; 
 # seconds, so the per-round ratio (a proxy against nginx's run of the same round) is the
 # figure to read; the summary gives its median over the rounds with a 95 % bootstrap
 # interval, which says whether a difference is larger than the drift.
-N_R=(); N_P=(); S_R=(); S_P=(); B_R=(); B_P=()
-PROXIES="nginx sidecar"; [ -n "${FLOOR:-}" ] && PROXIES+=" bare"
+N_R=(); N_P=(); S_R=(); S_P=(); B_R=(); B_P=(); W_R=(); W_P=()
+PROXIES="nginx sidecar"; [ -n "${FLOOR:-}" ] && PROXIES+=" bare raw"
 : >"$WORK/rounds.tsv"
 for i in $(seq 1 "$RUNS"); do
   for proxy in $(printf "%s\n" $PROXIES | shuf); do
@@ -207,13 +214,14 @@ for i in $(seq 1 "$RUNS"); do
       nginx) read -r r p <<<"$(run_wrk "http://127.0.0.1:$NGX/hello")"; N_R+=("$r"); N_P+=("$p") ;;
       sidecar) read -r r p <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"; S_R+=("$r"); S_P+=("$p") ;;
       bare) read -r r p <<<"$(run_wrk "http://127.0.0.1:$BP/hello")"; B_R+=("$r"); B_P+=("$p") ;;
+      raw) read -r r p <<<"$(run_wrk "http://127.0.0.1:$RP/hello")"; W_R+=("$r"); W_P+=("$p") ;;
     esac
   done
   line=$(printf "  run %d: nginx %s req/s p99 %s ms | sidecar %s req/s p99 %s ms" "$i" "${N_R[-1]}" "${N_P[-1]}" "${S_R[-1]}" "${S_P[-1]}")
-  [ -z "${FLOOR:-}" ] || line+=$(printf " | bare hyper %s req/s p99 %s ms" "${B_R[-1]}" "${B_P[-1]}")
+  [ -z "${FLOOR:-}" ] || line+=$(printf " | bare hyper %s req/s p99 %s ms | raw %s req/s p99 %s ms" "${B_R[-1]}" "${B_P[-1]}" "${W_R[-1]}" "${W_P[-1]}")
   echo "$line"
   round="${N_R[-1]} ${N_P[-1]} ${S_R[-1]} ${S_P[-1]}"
-  [ -z "${FLOOR:-}" ] || round+=" ${B_R[-1]} ${B_P[-1]}"
+  [ -z "${FLOOR:-}" ] || round+=" ${B_R[-1]} ${B_P[-1]} ${W_R[-1]} ${W_P[-1]}"
   echo "$round" >>"$WORK/rounds.tsv"
 done
 median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -230,6 +238,10 @@ if [ -n "${FLOOR:-}" ]; then
   printf "%-10s %12s %10s\n" "bare hyper" "$B_RPS" "$B_P99"
   awk -v b="$B_RPS" -v n="$N_RPS" -v s="$S_RPS" -v bp="$B_P99" -v np="$N_P99" \
     'BEGIN { printf "ratio of medians bare hyper/nginx: requests/s %.2fx, p99 %.2fx; sidecar/bare hyper: requests/s %.2fx\n", b/n, bp/np, s/b }'
+  W_RPS=$(median "${W_R[@]}"); W_P99=$(median "${W_P[@]}")
+  printf "%-10s %12s %10s\n" "raw floor" "$W_RPS" "$W_P99"
+  awk -v w="$W_RPS" -v n="$N_RPS" -v s="$S_RPS" -v wp="$W_P99" -v np="$N_P99" \
+    'BEGIN { printf "ratio of medians raw floor/nginx: requests/s %.2fx, p99 %.2fx; sidecar/raw floor: requests/s %.2fx\n", w/n, wp/np, s/w }'
 fi
 # Per-round ratios: median, 95 % bootstrap interval of the median (fixed seed), rounds won.
 python3 - "$WORK/rounds.tsv" "${FLOOR:-}" <<'PY'
@@ -247,6 +259,9 @@ report("sidecar/nginx p99       ", [r[3] / r[1] for r in rows], lambda x: x <= 1
 if sys.argv[2]:
     report("bare/nginx requests/s   ", [r[4] / r[0] for r in rows], lambda x: x >= 1)
     report("bare/nginx p99          ", [r[5] / r[1] for r in rows], lambda x: x <= 1)
+    report("raw/nginx requests/s    ", [r[6] / r[0] for r in rows], lambda x: x >= 1)
+    report("raw/nginx p99           ", [r[7] / r[1] for r in rows], lambda x: x <= 1)
+    report("sidecar/raw requests/s  ", [r[2] / r[6] for r in rows], lambda x: x >= 1)
 PY
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 

@@ -240,3 +240,84 @@ proxy: {{ maxConnections: 2, headerReadTimeout: 60s }}
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(st.hits.load(SeqCst), 1);
 }
+
+/// One connection carrying plain requests (served by the sidecar's own HTTP/1.1 fast path)
+/// and a request with a body (handed to hyper from there on), pipelined in one write: every
+/// request reaches the upstream whole and in order, every response comes back in order with
+/// its framing, `HEAD` gets no body, and `Connection: close` ends the connection.
+#[test]
+fn plain_and_body_requests_share_one_pipelined_connection() {
+    use http_body_util::BodyExt;
+    let dir = tempfile::tempdir().unwrap();
+    let handler: Handler = Arc::new(move |_peer, req: Request<hyper::body::Incoming>| {
+        Box::pin(async move {
+            if req.uri().path().starts_with("/api/v4/geo/") {
+                return respond(404, "no Geo API here");
+            }
+            let line = format!("{} {}", req.method(), req.uri());
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            respond(200, format!("{line} {}", String::from_utf8_lossy(&body)))
+        })
+    });
+    let up = TestServer::start(handler);
+    let sc = secondary(dir.path(), &up.url());
+    let addr = format!("127.0.0.1:{}", sc.service);
+    let plain_then_body = httpd::raw_request(
+        &addr,
+        b"GET /one?x=1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          HEAD /two HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /three HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          GET /four HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    let responses: Vec<&str> = plain_then_body
+        .split("HTTP/1.1 ")
+        .filter(|r| !r.is_empty())
+        .collect();
+    assert_eq!(responses.len(), 4, "{plain_then_body}");
+    assert!(responses[0].starts_with("200"), "{}", responses[0]);
+    assert!(
+        responses[0].ends_with("\r\n\r\nGET /one?x=1 "),
+        "{}",
+        responses[0]
+    );
+    assert!(responses[1].starts_with("200"), "{}", responses[1]);
+    assert!(
+        responses[1].ends_with("\r\n\r\n"),
+        "HEAD: no body: {}",
+        responses[1]
+    );
+    assert!(
+        responses[2].ends_with("\r\n\r\nPOST /three hello"),
+        "{}",
+        responses[2]
+    );
+    assert!(
+        responses[3].ends_with("\r\n\r\nGET /four "),
+        "{}",
+        responses[3]
+    );
+    assert!(
+        responses[3]
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        responses[3]
+    );
+
+    // The other way round: a body first (hyper from the start), then plain requests.
+    let body_then_plain = httpd::raw_request(
+        &addr,
+        b"PUT /five HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /six HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(10),
+    );
+    assert!(
+        body_then_plain.contains("\r\n\r\nPUT /five abc"),
+        "{body_then_plain}"
+    );
+    assert!(
+        body_then_plain.ends_with("\r\n\r\nGET /six "),
+        "{body_then_plain}"
+    );
+}

@@ -1,7 +1,8 @@
 //! The request path: the service-port server, the route table, ingress header hygiene, the
 //! upstream client, primary discovery and the 503s. Owner: proxy work (issue 3).
 //!
-//! - [`server`]: hyper 1 (HTTP/1.1 + h2c), limits, graceful drain;
+//! - [`server`]: the service port: threads, limits, graceful drain;
+//! - [`h1_server`]: plain HTTP/1.1 requests without hyper; the rest goes to hyper (h2c too);
 //! - [`front`]: the per-request phases (request filter → pick target → serve → response filter);
 //! - [`route`]: the route table ([`route::Target`]) and the acceleration hook;
 //! - [`headers`]: hop-by-hop, forwarding, Geo header and rewrite rules;
@@ -16,6 +17,7 @@ pub mod discovery;
 pub mod drain;
 pub mod front;
 pub mod h1;
+pub mod h1_server;
 pub mod headers;
 pub mod metrics;
 pub mod pool;

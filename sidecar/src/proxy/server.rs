@@ -31,8 +31,9 @@
 //! returns at once: one system call per sleep.
 
 use crate::proxy::coarse_timer;
-use crate::proxy::drain::Drain;
+use crate::proxy::drain::{Drain, Graceful};
 use crate::proxy::front::Front;
+use crate::proxy::h1_server;
 use crate::proxy::metrics;
 use crate::proxy::sniff::SniffIo;
 use axum::body::Body;
@@ -42,10 +43,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::convert::Infallible;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -186,6 +189,10 @@ fn start_worker(i: usize, front: &'static Front, tuning: ProxyTuning) -> anyhow:
                 metrics::batch_on_this_thread();
                 tokio::spawn(metrics::run_flusher());
                 let builder = http_builder(&tuning);
+                let limits = h1_server::Limits {
+                    max_header_bytes: tuning.max_header_bytes,
+                    header_read_timeout: tuning.header_read_timeout,
+                };
                 let drain = Drain::new();
                 while let Some(a) = rx.recv().await {
                     let Accepted { stream, peer, slot } = a;
@@ -199,24 +206,12 @@ fn start_worker(i: usize, front: &'static Front, tuning: ProxyTuning) -> anyhow:
                     let drain = drain.clone();
                     let builder = builder.clone();
                     tokio::spawn(async move {
-                        let (stream, conflict) = SniffIo::new(stream);
-                        let svc = hyper::service::service_fn(
-                            move |mut req: hyper::Request<Incoming>| {
-                                if conflict.is_set() {
-                                    req.extensions_mut().insert(conflict.clone());
-                                }
-                                // The request is looked at and let go of here, in the call:
-                                // hyper may read again before it polls the future, and its
-                                // read buffer is reused only once nothing refers to the last
-                                // head (else it allocates a new one per request).
-                                front
-                                    .handle(peer, req.map(Body::new))
-                                    .map(Ok::<_, Infallible>)
-                            },
-                        );
-                        let conn =
-                            builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                        if let Err(e) = drain.watch(conn.into_owned()).await {
+                        let stop = Arc::new(AtomicBool::new(false));
+                        let conn = Connection {
+                            life: serve_connection(stream, peer, front, builder, limits, stop.clone()),
+                            stop,
+                        };
+                        if let Err(e) = drain.watch(conn).await {
                             tracing::debug!(peer = %peer, "connection: {e}");
                         }
                         drop(slot);
@@ -238,6 +233,73 @@ fn start_worker(i: usize, front: &'static Front, tuning: ProxyTuning) -> anyhow:
             let _ = done_tx.send(());
         })?;
     Ok(Worker { tx, open, done })
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A connection's whole life: plain HTTP/1.1 requests on the fast path ([`h1_server`]), then,
+/// from the first request that is not plain (or the h2c preface), hyper with the bytes read.
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    front: &'static Front,
+    builder: auto::Builder<TokioExecutor>,
+    limits: h1_server::Limits,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BoxError> {
+    let prefix = match h1_server::serve(&mut stream, peer, front, limits, &stop).await? {
+        h1_server::Next::Closed => return Ok(()),
+        h1_server::Next::Handover(prefix) => prefix,
+    };
+    // The sniffer sees the connection from the handed-over head on: the fast path took no
+    // request with a body, so no message boundary lies behind it.
+    let (io, conflict) = SniffIo::new(h1_server::Prefixed::new(prefix, stream));
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        if conflict.is_set() {
+            req.extensions_mut().insert(conflict.clone());
+        }
+        // The request is looked at and let go of here, in the call: hyper may read again
+        // before it polls the future, and its read buffer is reused only once nothing refers
+        // to the last head (else it allocates a new one per request).
+        front
+            .handle(peer, req.map(Body::new))
+            .map(Ok::<_, Infallible>)
+    });
+    let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
+    let mut asked = false;
+    poll_fn(|cx| {
+        if !asked && stop.load(Ordering::Acquire) {
+            asked = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await
+}
+
+pin_project_lite::pin_project! {
+    /// A connection for the [`Drain`]: asked to shut down, it sets `stop`, which the fast path
+    /// reads between requests and the hyper part passes on to hyper.
+    struct Connection<F> {
+        #[pin]
+        life: F,
+        stop: Arc<AtomicBool>,
+    }
+}
+
+impl<F: Future> Future for Connection<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        self.project().life.poll(cx)
+    }
+}
+
+impl<F: Future> Graceful for Connection<F> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        // The drain polls the connection right after asking, so the flag is seen.
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 fn http_builder(tuning: &ProxyTuning) -> auto::Builder<TokioExecutor> {
