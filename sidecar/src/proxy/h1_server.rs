@@ -14,9 +14,10 @@
 //! [`crate::proxy::sniff`] and hyper's framing rules stay in one place. Handing over happens
 //! only at the start of a request head, never in the middle of a message.
 //!
-//! Why: per proxied request hyper's server (dispatcher, head parser and encoder, its I/O
-//! layers) ran about a quarter of the sidecar's user-space instructions, and on a saturated
-//! machine every instruction shows in requests/s (BENCHMARKS.md, fifth round).
+//! Why: per proxied request, hyper's server (dispatcher, head parser and encoder, its I/O
+//! layers) ran about a fifth of the sidecar's user-space instructions, and on a saturated
+//! machine they show in requests/s more than their share of CPU time suggests: this path runs
+//! 2,900 fewer per request (BENCHMARKS.md, fifth round).
 //!
 //! What the fast path does as hyper's HTTP/1.1 server did: the header read timeout (for the
 //! first head and each following one), keep-alive unless the request says `Connection: close`,

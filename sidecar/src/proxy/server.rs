@@ -1,10 +1,14 @@
-//! The service-port server: hyper 1 with automatic HTTP/1.1 / h2c, connection limits,
-//! header limits and timeouts, and a graceful drain on shutdown.
+//! The service-port server: plain HTTP/1.1 requests on the sidecar's own fast path
+//! ([`h1_server`]) and everything else (bodies, upgrades, h2c, bad heads) on hyper 1 with
+//! automatic HTTP/1.1 / h2c; connection limits, header limits and timeouts, and a graceful
+//! drain on shutdown.
 //!
-//! - request heads larger than `proxy.maxHeaderBytes` → 431 (hyper), malformed → 400 (hyper);
+//! - request heads larger than `proxy.maxHeaderBytes` → 431 (hyper), malformed → 400 (hyper;
+//!   the fast path hands such heads to it);
 //! - at most `proxy.maxConnections` client connections; further ones wait in the kernel's
 //!   accept backlog;
-//! - `proxy.headerReadTimeout` for a client to send its request head; hyper also times the
+//! - `proxy.headerReadTimeout` for a client to send its request head (the fast path times
+//!   every head the same way); hyper also times the
 //!   wait for the *next* head on a keep-alive HTTP/1.1 connection with it, so idle HTTP/1.1
 //!   clients are closed after that long (HTTP/2 connections are kept in check with keep-alive
 //!   pings). It runs on each I/O thread's coarse timer ([`coarse_timer`], ± 100 ms);
