@@ -241,7 +241,7 @@ impl RequestHead<'_> {
     }
 }
 
-fn push_decimal(b: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn push_decimal(b: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {

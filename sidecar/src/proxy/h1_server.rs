@@ -31,6 +31,7 @@
 
 use crate::proxy::coarse_timer::Deadline;
 use crate::proxy::front::Front;
+use crate::proxy::h1::push_decimal;
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -467,20 +468,6 @@ async fn write_data(io: &mut TcpStream, out: &mut Vec<u8>, data: Bytes) -> io::R
     }
     out.clear();
     Ok(())
-}
-
-fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[i..]);
 }
 
 fn push_hex(out: &mut Vec<u8>, mut n: usize) {
