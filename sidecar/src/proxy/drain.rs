@@ -61,6 +61,11 @@ impl Drain {
         }
     }
 
+    /// The drain has begun (a connection that reads this itself needs no asking).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     /// Connections not yet ended.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
@@ -104,7 +109,7 @@ impl<C: Graceful> Future for Watched<C> {
         if !this.asked {
             // registered before the flag is read: a drain starting in between still wakes us
             this.waker.register(cx.waker());
-            if this.drain.draining.load(Ordering::Acquire) {
+            if this.drain.is_draining() {
                 this.asked = true;
                 this.conn.as_mut().graceful_shutdown();
             }

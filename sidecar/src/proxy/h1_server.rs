@@ -30,6 +30,7 @@
 //! length, ends the connection, as with hyper.
 
 use crate::proxy::coarse_timer::Deadline;
+use crate::proxy::drain::Drain;
 use crate::proxy::front::Front;
 use crate::proxy::h1::push_decimal;
 use axum::body::Body;
@@ -41,10 +42,9 @@ use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Request heads with more header lines than this go to hyper (which allows 100).
@@ -83,14 +83,15 @@ enum Unparsed {
     Partial,
 }
 
-/// Serves plain requests on `io` until the connection ends or a request is not plain.
-/// `stop`: a drain asked the connection to close (checked between requests).
+/// Serves plain requests on `io` until the connection ends or a request is not plain. Once
+/// `drain` has begun, the connection closes after the response in flight (or at once when
+/// idle).
 pub async fn serve(
     io: &mut TcpStream,
     peer: SocketAddr,
     front: &'static Front,
     limits: Limits,
-    stop: &AtomicBool,
+    drain: &Drain,
 ) -> io::Result<Next> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
@@ -106,14 +107,14 @@ pub async fn serve(
                     Err(Unparsed::Partial) => {}
                 }
             }
-            match read_head_bytes(io, &mut buf, limits.header_read_timeout, stop).await? {
+            match read_head_bytes(io, &mut buf, limits.header_read_timeout, drain).await? {
                 Fill::Read => {}
                 Fill::End => return Ok(Next::Closed),
             }
         };
         let head_only = plain.request.method() == Method::HEAD;
         let response = front.handle(peer, plain.request).await;
-        let close = plain.close || stop.load(Ordering::Acquire);
+        let close = plain.close || drain.is_draining();
         if !write_response(io, &mut out, response, head_only, close).await? {
             return Ok(Next::Closed);
         }
@@ -131,14 +132,14 @@ async fn read_head_bytes(
     io: &mut TcpStream,
     buf: &mut BytesMut,
     timeout: Duration,
-    stop: &AtomicBool,
+    drain: &Drain,
 ) -> io::Result<Fill> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(8 * 1024);
     }
     let mut deadline: Option<Deadline> = None;
     poll_fn(|cx| {
-        if buf.is_empty() && stop.load(Ordering::Acquire) {
+        if buf.is_empty() && drain.is_draining() {
             return Poll::Ready(Ok(Fill::End));
         }
         // `read_buf` keeps no state between polls; a fresh one each poll is the same read
@@ -215,8 +216,8 @@ fn parse_request(buf: &mut BytesMut, max_header_bytes: usize) -> Result<Plain, U
         let target = ((path.as_ptr() as usize - base) as u32, path.len() as u32);
         (len, method, target, r.headers.len(), close)
     };
-    // Built from a copy of the head until it is known to be plain all through: a head that
-    // turns out not to be must stay in the buffer for hyper.
+    // httparse validated the head; the `http` types check a few things more (the target as a
+    // URI, above all). A head they refuse goes back in front of the buffer, for hyper.
     let raw = buf.split_to(len).freeze();
     let build = || -> Option<Request<Body>> {
         let uri =
@@ -506,67 +507,6 @@ mod date {
     }
 }
 
-/// A stream that first yields bytes already read from it: how hyper gets a connection that
-/// the fast path has begun.
-pub struct Prefixed<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Prefixed<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Prefixed<T> {
-        Prefixed { prefix, inner }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            let head = self.prefix.split_to(n);
-            buf.put_slice(&head);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -820,16 +760,5 @@ mod tests {
             !reusable,
             "the client waits for 7 more bytes: the connection must close"
         );
-    }
-
-    #[tokio::test]
-    async fn prefixed_streams_yield_the_prefix_first() {
-        let (a, mut b) = tokio::io::duplex(64);
-        let mut p = Prefixed::new(Bytes::from_static(b"head "), a);
-        b.write_all(b"tail").await.unwrap();
-        drop(b);
-        let mut got = String::new();
-        p.read_to_string(&mut got).await.unwrap();
-        assert_eq!(got, "head tail");
     }
 }

@@ -51,7 +51,8 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -210,12 +211,8 @@ fn start_worker(i: usize, front: &'static Front, tuning: ProxyTuning) -> anyhow:
                     let drain = drain.clone();
                     let builder = builder.clone();
                     tokio::spawn(async move {
-                        let stop = Arc::new(AtomicBool::new(false));
-                        let conn = Connection {
-                            life: serve_connection(stream, peer, front, builder, limits, stop.clone()),
-                            stop,
-                        };
-                        if let Err(e) = drain.watch(conn).await {
+                        let life = serve_connection(stream, peer, front, builder, limits, &drain);
+                        if let Err(e) = drain.watch(Connection { life }).await {
                             tracing::debug!(peer = %peer, "connection: {e}");
                         }
                         drop(slot);
@@ -249,15 +246,18 @@ async fn serve_connection(
     front: &'static Front,
     builder: auto::Builder<TokioExecutor>,
     limits: h1_server::Limits,
-    stop: Arc<AtomicBool>,
+    drain: &Drain,
 ) -> Result<(), BoxError> {
-    let prefix = match h1_server::serve(&mut stream, peer, front, limits, &stop).await? {
+    let prefix = match h1_server::serve(&mut stream, peer, front, limits, drain).await? {
         h1_server::Next::Closed => return Ok(()),
         h1_server::Next::Handover(prefix) => prefix,
     };
-    // The sniffer sees the connection from the handed-over head on: the fast path took no
-    // request with a body, so no message boundary lies behind it.
-    let (io, conflict) = SniffIo::new(h1_server::Prefixed::new(prefix, stream));
+    // hyper reads the bytes already read first, then the socket. The sniffer sees the
+    // connection from the handed-over head on: the fast path took no request with a body, so
+    // no message boundary lies behind it.
+    let (read, write) = stream.into_split();
+    let stream = tokio::io::join(std::io::Cursor::new(prefix).chain(read), write);
+    let (io, conflict) = SniffIo::new(stream);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         if conflict.is_set() {
             req.extensions_mut().insert(conflict.clone());
@@ -272,7 +272,7 @@ async fn serve_connection(
     let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
     let mut asked = false;
     poll_fn(|cx| {
-        if !asked && stop.load(Ordering::Acquire) {
+        if !asked && drain.is_draining() {
             asked = true;
             conn.as_mut().graceful_shutdown();
         }
@@ -282,12 +282,11 @@ async fn serve_connection(
 }
 
 pin_project_lite::pin_project! {
-    /// A connection for the [`Drain`]: asked to shut down, it sets `stop`, which the fast path
-    /// reads between requests and the hyper part passes on to hyper.
+    /// A connection for the [`Drain`]. It reads the drain's state itself: the fast path between
+    /// requests, the hyper part to pass it on to hyper.
     struct Connection<F> {
         #[pin]
         life: F,
-        stop: Arc<AtomicBool>,
     }
 }
 
@@ -301,8 +300,8 @@ impl<F: Future> Future for Connection<F> {
 
 impl<F: Future> Graceful for Connection<F> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        // The drain polls the connection right after asking, so the flag is seen.
-        self.stop.store(true, Ordering::Release);
+        // Nothing to do: the drain polls the connection right after asking, and it sees the
+        // drain has begun.
     }
 }
 
