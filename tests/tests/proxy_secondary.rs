@@ -114,6 +114,17 @@ fn upstream(name: &str) -> (TestServer, Arc<Upstream>) {
                 st.release.notified().await;
                 return respond(200, "slow done");
             }
+            if path == "/headers" {
+                return Response::builder()
+                    .status(200)
+                    .header("x-multi", "a")
+                    .header("keep-alive", "timeout=5")
+                    .header("x-request-id", "from-upstream")
+                    .header("x-multi", "b")
+                    .header("content-type", "text/x-test")
+                    .body(full("headers"))
+                    .unwrap();
+            }
             if path == "/redirect" {
                 let base = own.lock().unwrap().clone();
                 return Response::builder()
@@ -307,6 +318,39 @@ async fn proxies_every_method_with_bodies_and_geo_headers() {
     let r = httpd::send(req, Duration::from_secs(20)).await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(st.last().method, "HEAD");
+    // The response's headers are the same whichever way the request is read: plain requests
+    // (the HTTP/1.1 fast path, whose end-to-end lines pass through as sent) and those with a
+    // body (hyper, which writes the map).
+    for (way, method, body) in [("plain", "GET", ""), ("with a body", "POST", "x")] {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("{}/headers", sc.url()))
+            .body(full(body))
+            .unwrap();
+        let r = httpd::send(req, Duration::from_secs(20)).await.unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "headers"), "{way}");
+        let all = |n: &str| -> Vec<&str> {
+            r.headers
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all("x-multi"), ["a", "b"], "{way}: both, in order");
+        assert_eq!(all("content-type"), ["text/x-test"], "{way}");
+        assert_eq!(all("content-length"), ["7"], "{way}");
+        assert_eq!(all("date").len(), 1, "{way}: one date");
+        assert!(
+            all("keep-alive").is_empty(),
+            "{way}: hop-by-hop header removed"
+        );
+        let sent = h(&st.last(), "x-request-id").unwrap().to_string();
+        assert_eq!(
+            all("x-request-id"),
+            [sent.as_str()],
+            "{way}: ours, not the upstream's"
+        );
+    }
     // The request id is passed through when the client sends one.
     let r = httpd::get(&format!("{}/id", sc.url()), &[("x-request-id", "abc-123")])
         .await

@@ -21,7 +21,7 @@ use crate::accel::Intercept;
 use crate::context::{PrimaryWatch, PushSink, SiteContext};
 use crate::forge::EmbeddedForge;
 use crate::forge::report_status::PushDetectBody;
-use crate::proxy::h1::Hop;
+use crate::proxy::h1::{Hop, Passthrough};
 use crate::proxy::headers::{self, TrustedProxies};
 use crate::proxy::metrics::{ProxyMetrics, RequestLabels, UpstreamErrorLabels};
 use crate::proxy::route::{self, Target};
@@ -46,6 +46,21 @@ pub const EXTRA_DATA_CACHE: Duration = Duration::from_secs(5);
 const RETRY_AFTER_SECS: u64 = 10;
 const PROXY_HEADER_NAME: HeaderName = HeaderName::from_static(PROXY_HEADER);
 const PROXY_EXTRA_DATA_HEADER_NAME: HeaderName = HeaderName::from_static(PROXY_EXTRA_DATA_HEADER);
+
+/// Who writes a response to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// Writes what the response's map holds (hyper).
+    MapOnly,
+    /// Also copies header lines passed through raw ([`RawLines`](crate::proxy::h1::RawLines); the HTTP/1.1 fast path).
+    CopiesRawLines,
+}
+
+/// The response headers this module's response filter reads or replaces
+/// ([`headers::rewrite_response`] and the request id): an upstream's lines with these names
+/// are always parsed into the map, never passed through raw.
+const FILTERED: Passthrough =
+    Passthrough::new(&["location", "refresh", "set-cookie", "x-request-id"]);
 
 /// The forge behind a primary or disabled site.
 pub enum ForgeBackend {
@@ -221,18 +236,24 @@ impl Front {
     ///
     /// The request filter and the choice of target run when this is called; the future holds
     /// what serving needs, not the request (see [`Upstream::forward`] on why that matters).
+    ///
+    /// `writer` says who writes the response: with [`Writer::CopiesRawLines`], a proxied
+    /// response may carry header lines as the upstream sent them ([`RawLines`](crate::proxy::h1::RawLines), in its
+    /// extensions) instead of in its map.
     pub fn handle(
         &self,
         peer: SocketAddr,
         req: Request<Body>,
+        writer: Writer,
     ) -> impl Future<Output = Response<Body>> + Send + '_ {
+        let passthrough = (writer == Writer::CopiesRawLines).then_some(FILTERED);
         let start = Instant::now();
         let method = method_label(req.method());
         let route_name = route::route_label(req.uri().path(), req.uri().query());
         let request_id = request_id(req.headers());
         let span = tracing::info_span!("request", id = request_id.to_str().unwrap_or(""), method = %req.method(),
             path = %req.uri().path(), client = tracing::field::Empty, via = tracing::field::Empty);
-        let serving = span.in_scope(|| self.serve(peer, req, &request_id, route_name));
+        let serving = span.in_scope(|| self.serve(peer, req, &request_id, route_name, passthrough));
         // Combinators rather than `async` blocks: a block that awaits a future it captured
         // keeps room for it twice.
         serving
@@ -270,6 +291,7 @@ impl Front {
         mut req: Request<Body>,
         request_id: &HeaderValue,
         route_name: &'static str,
+        passthrough: Option<Passthrough>,
     ) -> Serving<
         'a,
         impl Future<Output = Served> + Send + use<'a>,
@@ -306,7 +328,7 @@ impl Front {
                 let req = strip_from_secondary_prefix(req);
                 match &self.forge {
                     Some(ForgeBackend::Upstream(forge)) => Serving::Forge {
-                        fut: self.forward_to_forge(req, &ingress, route_name, forge),
+                        fut: self.forward_to_forge(req, &ingress, route_name, forge, passthrough),
                     },
                     Some(ForgeBackend::Embedded(f)) => {
                         let client = ingress.client;
@@ -331,7 +353,9 @@ impl Front {
                         Intercept::Served(_, resp) => ("local", resp),
                         Intercept::Proxy(req, pending) => {
                             let resp = match route {
-                                Ok(route) => self.forward_to_primary(*req, &ingress, route).await.1,
+                                Ok(route) => {
+                                    self.forward_to_primary(*req, &ingress, route, None).await.1
+                                }
                                 Err(e) => self.primary_unreachable(req.headers(), &e),
                             };
                             (label, accel.complete(pending, resp).await)
@@ -353,7 +377,7 @@ impl Front {
                 })
             }
             Target::Primary(Ok(route)) => Serving::Primary {
-                fut: self.forward_to_primary(req, &ingress, route),
+                fut: self.forward_to_primary(req, &ingress, route, passthrough),
             },
             Target::Primary(Err(e)) => {
                 Serving::ready(label, self.primary_unreachable(req.headers(), &e))
@@ -424,6 +448,7 @@ impl Front {
         ingress: &Ingress,
         route_name: &'static str,
         forge: &'a UpstreamBase,
+        passthrough: Option<Passthrough>,
     ) -> impl Future<Output = Served> + Send + use<'a> {
         let json = crate::http_util::wants_json(req.headers());
         let forwarding = self.forwarding(&req, ingress);
@@ -436,7 +461,7 @@ impl Front {
         let push_path = (route_name == "git_receive_pack" && req.method() == http::Method::POST)
             .then(|| req.uri().path().to_string());
         self.upstream
-            .forward(req, forge, hop)
+            .forward(req, forge, hop, passthrough)
             .map(move |forwarded| {
                 let resp = match forwarded {
                     Ok(resp) => match (&self.push_sink, push_path) {
@@ -469,6 +494,7 @@ impl Front {
         req: Request<Body>,
         ingress: &Ingress,
         route: Arc<PrimaryRoute>,
+        passthrough: Option<Passthrough>,
     ) -> impl Future<Output = Served> + Send + use<'a> {
         let json = crate::http_util::wants_json(req.headers());
         let forwarding = self.forwarding(&req, ingress);
@@ -492,7 +518,9 @@ impl Front {
             request_id: Some(&ingress.request_id),
             extra,
         };
-        let forwarded = self.upstream.forward(req, RouteBase(route.clone()), hop);
+        let forwarded = self
+            .upstream
+            .forward(req, RouteBase(route.clone()), hop, passthrough);
         forwarded.map(move |forwarded| {
             let resp = match forwarded {
                 Ok(mut resp) => {
@@ -783,6 +811,19 @@ fn primary_unavailable_json(json: bool, msg: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_names_the_response_filter_touches_are_never_passed_through_raw() {
+        let touched = [
+            header::LOCATION,
+            HeaderName::from_static("refresh"),
+            header::SET_COOKIE,
+            headers::X_REQUEST_ID,
+        ];
+        for n in touched {
+            assert!(FILTERED.names().contains(&n.as_str()), "{n}");
+        }
+    }
 
     #[test]
     fn hex_ids_match_the_formatter() {

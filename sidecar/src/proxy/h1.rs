@@ -273,11 +273,176 @@ pub struct Head {
     transfer_encoding: Option<bool>,
     /// `Content-Length`, all values agreeing (`Err`: they did not, or one was not a number).
     content_length: Option<Result<u64, &'static str>>,
+    /// With [`Passthrough`]: the end-to-end lines that are not in `headers`.
+    pub raw: Option<RawLines>,
+}
+
+/// Which response header lines may stay as they came, unparsed (see [`RawLines`]): every
+/// end-to-end line except those named here, which some response filter reads or replaces.
+#[derive(Clone, Copy, Debug)]
+pub struct Passthrough {
+    names: &'static [&'static str],
+    /// Bit n set: one of `names` (or [`NEVER_RAW`]) is n bytes long. Most lines are told
+    /// apart by their length alone.
+    lengths: u32,
+}
+
+impl Passthrough {
+    /// `names` in lower case, each shorter than 32 bytes.
+    pub const fn new(names: &'static [&'static str]) -> Passthrough {
+        Passthrough {
+            names,
+            lengths: lengths_of(names) | lengths_of(&NEVER_RAW),
+        }
+    }
+
+    pub fn names(&self) -> &'static [&'static str] {
+        self.names
+    }
+
+    fn classify(&self, name: &[u8]) -> RawClass {
+        let n = name.len();
+        if n >= 32 || self.lengths >> n & 1 == 0 {
+            return RawClass::Line;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            RawClass::Length
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            RawClass::Connection
+        } else if named_in(name, &NEVER_RAW) || named_in(name, self.names) {
+            RawClass::Parsed
+        } else {
+            RawClass::Line
+        }
+    }
+}
+
+/// What happens to a response header line when lines may pass through.
+enum RawClass {
+    Line,
+    Length,
+    Connection,
+    /// Into the map, or dropped as hop-by-hop, as without passthrough.
+    Parsed,
+}
+
+const fn lengths_of(names: &[&str]) -> u32 {
+    let (mut mask, mut i) = (0u32, 0);
+    while i < names.len() {
+        assert!(names[i].len() < 32);
+        mask |= 1 << names[i].len();
+        i += 1;
+    }
+    mask
+}
+
+/// Response header lines kept as the upstream sent them, for a writer that copies them to the
+/// client as they are (the service port's HTTP/1.1 fast path): building a `HeaderMap` entry
+/// for each and encoding it again was a sixth of a proxied request's instructions.
+///
+/// Only end-to-end lines are here: hop-by-hop lines, `Content-Length` (its value is in
+/// [`RawLines::content_length`]) and the [`Passthrough`] names go to the response's map as
+/// before. The lines are whole (name, `:`, value, CRLF), validated by httparse exactly as the
+/// map's values would have been; a line not ending in CRLF goes to the map instead.
+/// A response that carries them has them in its extensions; a writer that does not copy them
+/// puts them into the map first ([`RawLines::append_to`]).
+#[derive(Clone, Debug)]
+pub struct RawLines {
+    head: Bytes,
+    /// (start, end) of runs of adjacent lines in `head`
+    runs: [(u32, u32); RAW_RUNS],
+    count: u8,
+    /// One of the lines is `Date`.
+    pub date: bool,
+    /// The response's `Content-Length`, when it had a valid one.
+    pub content_length: Option<u64>,
+}
+
+/// Runs of adjacent raw lines a head may have; lines that would start another go to the map.
+/// (Few: a run is cut only by a line that is not passed through.)
+const RAW_RUNS: usize = 4;
+
+impl RawLines {
+    /// Adds the line at `start..end`, to the last run when it follows it. `false`: no room.
+    fn push(&mut self, start: usize, end: usize) -> bool {
+        let n = self.count as usize;
+        if n > 0 && self.runs[n - 1].1 as usize == start {
+            self.runs[n - 1].1 = end as u32;
+        } else if n < RAW_RUNS {
+            self.runs[n] = (start as u32, end as u32);
+            self.count += 1;
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// The runs of lines, each a whole number of `name: value\r\n` lines.
+    pub fn runs(&self) -> impl Iterator<Item = &[u8]> {
+        self.runs[..self.count as usize]
+            .iter()
+            .map(|&(s, e)| &self.head[s as usize..e as usize])
+    }
+
+    /// Appends the lines to `map`, for a writer that writes only the map (and a
+    /// `Content-Length` header of the length, if any).
+    pub fn append_to(&self, map: &mut HeaderMap) {
+        for &(s, e) in &self.runs[..self.count as usize] {
+            let run = self.head.slice(s as usize..e as usize);
+            let mut at = 0;
+            while let Some(n) = run[at..].windows(2).position(|w| w == b"\r\n") {
+                let line = &run[at..at + n];
+                if let Some(colon) = line.iter().position(|&c| c == b':')
+                    && let Ok(name) = HeaderName::from_bytes(&line[..colon])
+                {
+                    let v = line[colon + 1..].trim_ascii();
+                    let start = v.as_ptr() as usize - run.as_ptr() as usize;
+                    if let Ok(value) =
+                        HeaderValue::from_maybe_shared(run.slice(start..start + v.len()))
+                    {
+                        map.append(name, value);
+                    }
+                }
+                at += n + 2;
+            }
+        }
+        if let Some(n) = self.content_length
+            && !map.contains_key(header::CONTENT_LENGTH)
+        {
+            map.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+}
+
+/// Hop-by-hop names and `Content-Length`: never raw lines. (Raw bytes, compared without
+/// case: the same set as [`headers::is_hop_by_hop`].)
+const NEVER_RAW: [&str; 9] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "keep-alive",
+    "proxy-connection",
+    "content-length",
+];
+
+fn named_in(name: &[u8], names: &[&str]) -> bool {
+    names
+        .iter()
+        .any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n.as_bytes()))
 }
 
 /// Parses a response head at the start of `buf` and removes it from there. `Ok(None)`: not
-/// complete yet. The head may not exceed `max` bytes.
-pub fn parse_response_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head>, &'static str> {
+/// complete yet. The head may not exceed `max` bytes. With `passthrough`, the end-to-end lines
+/// it allows are kept raw ([`RawLines`]) instead of going to the map (never for a 1xx, nor
+/// when `Connection` names an end-to-end header to remove).
+pub fn parse_response_head(
+    buf: &mut BytesMut,
+    max: usize,
+    passthrough: Option<Passthrough>,
+) -> Result<Option<Head>, &'static str> {
     // (name start, name len, value start, value len) of each header, to build the map once the
     // head is split off the buffer (httparse borrows it)
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
@@ -322,19 +487,58 @@ pub fn parse_response_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head
     } else {
         Version::HTTP_11
     };
+    let spans = &spans[..count];
+    // lines are copied whole, so the head must end in CRLF CRLF (a bare LF head goes to the map)
+    let passthrough = passthrough.filter(|_| {
+        !status.is_informational() && raw.ends_with(b"\r\n\r\n") && !names_others(&raw, spans)
+    });
+    let mut lines = passthrough.map(|_| RawLines {
+        head: raw.clone(),
+        runs: [(0, 0); RAW_RUNS],
+        count: 0,
+        date: false,
+        content_length: None,
+    });
     let mut head = Head {
         status,
         version,
-        headers: HeaderMap::with_capacity(count),
+        headers: HeaderMap::with_capacity(if lines.is_some() { 0 } else { count }),
         keep_alive: false,
         upgrade: None,
         transfer_encoding: None,
         content_length: None,
+        raw: None,
     };
     let (mut close, mut keep_alive) = (false, false);
     let mut named: Vec<HeaderName> = Vec::new();
-    for &(ns, nl, vs, vl) in &spans[..count] {
+    for (i, &(ns, nl, vs, vl)) in spans.iter().enumerate() {
         let name = &raw[ns as usize..(ns + nl) as usize];
+        if let (Some(l), Some(pass)) = (&mut lines, passthrough) {
+            let value = &raw[vs as usize..(vs + vl) as usize];
+            match pass.classify(name) {
+                RawClass::Line => {
+                    // the line ends where the next begins (or the empty line does), in CRLF
+                    let end = spans.get(i + 1).map_or(len - 2, |n| n.0 as usize);
+                    if raw[..end].ends_with(b"\r\n") && l.push(ns as usize, end) {
+                        l.date |= name.eq_ignore_ascii_case(b"date");
+                        continue;
+                    }
+                }
+                RawClass::Length => {
+                    head.content_length = Some(content_length(head.content_length, value));
+                    continue;
+                }
+                RawClass::Connection => {
+                    // (it names no end-to-end header: see `names_others`)
+                    for t in headers::connection_tokens(value) {
+                        close |= t.eq_ignore_ascii_case(b"close");
+                        keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                    }
+                    continue;
+                }
+                RawClass::Parsed => {}
+            }
+        }
         let name = HeaderName::from_bytes(name).map_err(|_| "bad response header name")?;
         let value = HeaderValue::from_maybe_shared(raw.slice(vs as usize..(vs + vl) as usize))
             .map_err(|_| "bad response header value")?;
@@ -363,7 +567,25 @@ pub fn parse_response_head(buf: &mut BytesMut, max: usize) -> Result<Option<Head
         head.headers.remove(n);
     }
     head.keep_alive = !close && (version == Version::HTTP_11 || keep_alive);
+    if let Some(mut l) = lines {
+        l.content_length = head.content_length.and_then(Result::ok);
+        head.raw = Some(l);
+    }
     Ok(Some(head))
+}
+
+/// `Connection` names an end-to-end header (which must then be removed wherever it is: the
+/// map's path does that).
+fn names_others(raw: &[u8], spans: &[(u32, u32, u32, u32)]) -> bool {
+    spans.iter().any(|&(ns, nl, vs, vl)| {
+        nl == 10
+            && raw[ns as usize..(ns + nl) as usize].eq_ignore_ascii_case(b"connection")
+            && headers::connection_tokens(&raw[vs as usize..(vs + vl) as usize]).any(|t| {
+                !t.eq_ignore_ascii_case(b"keep-alive")
+                    && !t.eq_ignore_ascii_case(b"close")
+                    && headers::named_by_connection(t).is_some()
+            })
+    })
 }
 
 /// Folds one `Content-Length` value (possibly a list) into what earlier ones said.
@@ -644,6 +866,7 @@ pub async fn exchange(
     framing: ReqFraming,
     max_head: usize,
     header_timeout: Duration,
+    passthrough: Option<Passthrough>,
 ) -> Result<(Head, bool), Failure> {
     let mut out = Out::default();
     out.parts[0] = head.clone();
@@ -656,7 +879,7 @@ pub async fn exchange(
     std::future::poll_fn(|cx| {
         loop {
             // the response first: an early answer ends the upload
-            match poll_head(conn, cx, max_head, &mut answered) {
+            match poll_head(conn, cx, max_head, passthrough, &mut answered) {
                 Poll::Ready(Ok(h)) => return Poll::Ready(Ok((h, body_ended && out.is_empty()))),
                 Poll::Ready(Err(e)) => {
                     return Poll::Ready(Err(fail(Fate::of(answered, head_written), e)));
@@ -668,7 +891,9 @@ pub async fn exchange(
                     Poll::Ready(Ok(())) => head_written = true,
                     Poll::Ready(Err(e)) => {
                         // the upstream may have answered and closed: that answer wins
-                        if let Poll::Ready(Ok(h)) = poll_head(conn, cx, max_head, &mut answered) {
+                        if let Poll::Ready(Ok(h)) =
+                            poll_head(conn, cx, max_head, passthrough, &mut answered)
+                        {
                             return Poll::Ready(Ok((h, false)));
                         }
                         let fate = Fate::of(answered, head_written);
@@ -744,11 +969,12 @@ fn poll_head(
     conn: &mut Conn,
     cx: &mut Context<'_>,
     max_head: usize,
+    passthrough: Option<Passthrough>,
     answered: &mut bool,
 ) -> Poll<Result<Head, ExchangeError>> {
     loop {
         if !conn.rbuf.is_empty() {
-            match parse_response_head(&mut conn.rbuf, max_head) {
+            match parse_response_head(&mut conn.rbuf, max_head, passthrough) {
                 // 100 Continue and the like: what follows may be in the buffer already
                 Ok(Some(h))
                     if h.status.is_informational()
@@ -1074,13 +1300,13 @@ mod tests {
         for cut in 0..RESP.len() - 5 {
             let mut buf = BytesMut::from(&RESP[..cut]);
             assert!(
-                parse_response_head(&mut buf, 8192).unwrap().is_none(),
+                parse_response_head(&mut buf, 8192, None).unwrap().is_none(),
                 "cut at {cut}"
             );
             assert_eq!(buf.len(), cut, "an incomplete head is left in place");
         }
         let mut buf = BytesMut::from(RESP);
-        let h = parse_response_head(&mut buf, 8192).unwrap().unwrap();
+        let h = parse_response_head(&mut buf, 8192, None).unwrap().unwrap();
         assert_eq!(h.status, StatusCode::OK);
         assert_eq!(h.version, Version::HTTP_11);
         assert!(h.keep_alive);
@@ -1091,7 +1317,7 @@ mod tests {
 
     #[test]
     fn response_heads_refused_or_not_kept_alive() {
-        let parse = |s: &str, max| parse_response_head(&mut BytesMut::from(s), max);
+        let parse = |s: &str, max| parse_response_head(&mut BytesMut::from(s), max, None);
         let alive = |s: &str| parse(s, 8192).unwrap().unwrap().keep_alive;
         assert!(!alive("HTTP/1.1 200 OK\r\nConnection: Close\r\n\r\n"));
         assert!(!alive("HTTP/1.0 200 OK\r\n\r\n"));
@@ -1129,7 +1355,7 @@ mod tests {
     fn response_framing_table() {
         let f = |head_request, code: u16, headers: &str| {
             let raw = format!("HTTP/1.1 {code} X\r\n{headers}\r\n");
-            let head = parse_response_head(&mut BytesMut::from(raw.as_str()), 8192)
+            let head = parse_response_head(&mut BytesMut::from(raw.as_str()), 8192, None)
                 .unwrap()
                 .unwrap();
             response_framing(head_request, &head)
@@ -1179,12 +1405,101 @@ mod tests {
     #[test]
     fn response_heads_lose_their_hop_by_hop_headers() {
         let raw = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: timeout=5\r\nTrailer: x\r\nX-Kept: 2\r\n\r\n";
-        let h = parse_response_head(&mut BytesMut::from(raw), 8192)
+        let h = parse_response_head(&mut BytesMut::from(raw), 8192, None)
             .unwrap()
             .unwrap();
         assert_eq!(h.upgrade.as_ref().unwrap(), "websocket");
         let names: Vec<_> = h.headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    const PASS: Option<Passthrough> = Some(Passthrough::new(&["location", "set-cookie"]));
+
+    fn runs(h: &Head) -> Vec<String> {
+        h.raw.as_ref().map_or(vec![], |r| {
+            r.runs()
+                .map(|l| String::from_utf8(l.to_vec()).unwrap())
+                .collect()
+        })
+    }
+
+    fn names(m: &HeaderMap) -> Vec<&str> {
+        m.keys().map(|k| k.as_str()).collect()
+    }
+
+    #[test]
+    fn end_to_end_lines_pass_through_and_filtered_ones_are_parsed() {
+        let raw = "HTTP/1.1 302 Found\r\nServer: up\r\ndate: x\r\nContent-Length: 0\r\n\
+                   X-A: 1 \r\nSet-Cookie: a=1\r\nLOCATION: /l\r\nKeep-Alive: timeout=5\r\n\
+                   X-B: 2\r\nConnection: keep-alive\r\n\r\nBODY";
+        let mut buf = BytesMut::from(raw);
+        let h = parse_response_head(&mut buf, 8192, PASS).unwrap().unwrap();
+        assert_eq!(&buf[..], b"BODY");
+        assert_eq!(
+            runs(&h),
+            ["Server: up\r\ndate: x\r\n", "X-A: 1 \r\n", "X-B: 2\r\n"],
+            "runs of adjacent lines, cut where a line is not passed through"
+        );
+        assert_eq!(names(&h.headers), ["set-cookie", "location"]);
+        let r = h.raw.as_ref().unwrap();
+        assert!(r.date);
+        assert_eq!(r.content_length, Some(0));
+        assert!(h.keep_alive);
+        assert_eq!(response_framing(false, &h), Ok((RespFraming::Empty, false)));
+        // what a map-only writer gets: every end-to-end header, values trimmed
+        let mut map = h.headers.clone();
+        r.append_to(&mut map);
+        assert_eq!(
+            names(&map),
+            [
+                "set-cookie",
+                "location",
+                "server",
+                "date",
+                "x-a",
+                "x-b",
+                "content-length"
+            ]
+        );
+        assert_eq!(map["x-a"], "1");
+        assert_eq!(map["content-length"], "0");
+    }
+
+    #[test]
+    fn heads_that_cannot_pass_through_go_to_the_map_whole() {
+        let parse = |s: &str| {
+            parse_response_head(&mut BytesMut::from(s), 8192, PASS)
+                .unwrap()
+                .unwrap()
+        };
+        // bare LF line ends
+        let h = parse("HTTP/1.1 200 OK\nX-A: 1\nX-B: 2\n\n");
+        assert!(h.raw.is_none());
+        assert_eq!(names(&h.headers), ["x-a", "x-b"]);
+        // one bare LF line: that line is parsed, the others pass
+        let h = parse("HTTP/1.1 200 OK\r\nX-A: 1\nX-B: 2\r\n\r\n");
+        assert_eq!(runs(&h), ["X-B: 2\r\n"]);
+        assert_eq!(names(&h.headers), ["x-a"]);
+        // `Connection` names an end-to-end header: it must go, so everything is parsed
+        let h = parse("HTTP/1.1 200 OK\r\nConnection: X-Hop\r\nX-Hop: 1\r\nX-C: 3\r\n\r\n");
+        assert!(h.raw.is_none());
+        assert_eq!(names(&h.headers), ["x-c"]);
+        // informational heads
+        let h = parse("HTTP/1.1 103 Early Hints\r\nLink: </s>\r\n\r\n");
+        assert!(h.raw.is_none());
+        assert_eq!(names(&h.headers), ["link"]);
+        // more runs than there is room for: the rest is parsed, nothing is lost
+        let mut many = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..10 {
+            many.push_str(&format!("X-{i}: {i}\r\nLocation: /{i}\r\n"));
+        }
+        many.push_str("\r\n");
+        let h = parse(&many);
+        assert_eq!(runs(&h).len(), RAW_RUNS);
+        let mut map = h.headers.clone();
+        h.raw.as_ref().unwrap().append_to(&mut map);
+        assert_eq!(map.len(), 20);
+        assert_eq!(map.get_all("location").iter().count(), 10);
     }
 
     const CHUNKED: &[u8] = b"5;ext=1\r\nhello\r\n6 \r\n world\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
@@ -1285,7 +1600,16 @@ mod tests {
 
     /// A `GET /` exchange on `conn`.
     async fn try_get_on(conn: &mut Conn) -> Result<(Head, bool), Failure> {
-        exchange(conn, &get(), &mut Body::empty(), ReqFraming::Empty, 8192, T).await
+        exchange(
+            conn,
+            &get(),
+            &mut Body::empty(),
+            ReqFraming::Empty,
+            8192,
+            T,
+            None,
+        )
+        .await
     }
 
     /// A `GET /` exchange on `conn` that must succeed.
@@ -1470,9 +1794,17 @@ mod tests {
             .unwrap();
         drop(tx);
         let head = Bytes::from_static(b"POST /u HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n");
-        let (h, whole) = exchange(&mut conn, &head, &mut body, ReqFraming::Chunked, 8192, T)
-            .await
-            .unwrap();
+        let (h, whole) = exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            ReqFraming::Chunked,
+            8192,
+            T,
+            None,
+        )
+        .await
+        .unwrap();
         assert_eq!((h.status, whole), (StatusCode::NO_CONTENT, true));
         assert_eq!(
             seen.lock().unwrap()[0],
@@ -1485,9 +1817,17 @@ mod tests {
         })
         .await;
         let mut body = Body::from("toolong");
-        let f = exchange(&mut conn, &head, &mut body, ReqFraming::Length(3), 8192, T)
-            .await
-            .unwrap_err();
+        let f = exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            ReqFraming::Length(3),
+            8192,
+            T,
+            None,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(f.fate, Fate::Final);
         assert!(
             matches!(f.error, ExchangeError::RequestBody(_)),
@@ -1529,6 +1869,7 @@ mod tests {
             ReqFraming::Length(1000),
             8192,
             T,
+            None,
         )
         .await
         .unwrap();
@@ -1554,6 +1895,7 @@ mod tests {
             ReqFraming::Empty,
             8192,
             Duration::from_millis(200),
+            None,
         )
         .await
         .unwrap_err();

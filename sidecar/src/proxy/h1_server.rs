@@ -31,7 +31,8 @@
 
 use crate::proxy::coarse_timer::Deadline;
 use crate::proxy::drain::Drain;
-use crate::proxy::front::Front;
+use crate::proxy::front::{Front, Writer};
+use crate::proxy::h1::RawLines;
 use crate::proxy::h1::push_decimal;
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
@@ -113,7 +114,9 @@ pub async fn serve(
             }
         };
         let head_only = plain.request.method() == Method::HEAD;
-        let response = front.handle(peer, plain.request).await;
+        let response = front
+            .handle(peer, plain.request, Writer::CopiesRawLines)
+            .await;
         let close = plain.close || drain.is_draining();
         if !write_response(io, &mut out, response, head_only, close).await? {
             return Ok(Next::Closed);
@@ -268,15 +271,24 @@ fn encode_head(
     out: &mut Vec<u8>,
     status: StatusCode,
     headers: &HeaderMap,
+    raw: Option<&RawLines>,
     size: Option<u64>,
     head_only: bool,
     close: bool,
 ) -> (Framing, bool) {
     let (mut te, mut length, mut date, mut close) = (None, None, false, close);
+    // Raw lines have no `Content-Length` (nor hop-by-hop lines): their response's length
+    // comes apart and is written as ours, unless the map has one of its own.
+    let mut raw_length = raw.and_then(|r| r.content_length);
+    if let Some(r) = raw {
+        date = r.date;
+        length = raw_length.map(Some);
+    }
     for (name, value) in headers.iter() {
         if name == header::TRANSFER_ENCODING {
             te = Some(value);
         } else if name == header::CONTENT_LENGTH {
+            raw_length = None;
             length = Some(
                 std::str::from_utf8(value.as_bytes())
                     .ok()
@@ -341,6 +353,14 @@ fn encode_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if let Some(r) = raw {
+        for run in r.runs() {
+            out.extend_from_slice(run);
+        }
+        if keep_length && let Some(n) = raw_length {
+            add = Some(Some(n));
+        }
+    }
     match add {
         Some(Some(n)) => {
             out.extend_from_slice(b"content-length: ");
@@ -371,13 +391,15 @@ async fn write_response(
     head_only: bool,
     close: bool,
 ) -> io::Result<bool> {
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
     let mut body = pin!(body);
     out.clear();
+    let raw = parts.extensions.remove::<RawLines>();
     let (framing, close) = encode_head(
         out,
         parts.status,
         &parts.headers,
+        raw.as_ref(),
         body.size_hint().exact(),
         head_only,
         close,
@@ -602,11 +624,63 @@ mod tests {
             &mut out,
             StatusCode::from_u16(status).unwrap(),
             &map,
+            None,
             size,
             head_only,
             close,
         );
         (String::from_utf8(out).unwrap(), f)
+    }
+
+    /// An upstream's head parsed with its end-to-end lines passed through, then written.
+    fn passed_through(upstream: &str, size: Option<u64>, head_only: bool) -> (String, Framing) {
+        let mut buf = BytesMut::from(upstream);
+        let pass = crate::proxy::h1::Passthrough::new(&["location"]);
+        let h = crate::proxy::h1::parse_response_head(&mut buf, 8192, Some(pass))
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        let (f, _) = encode_head(
+            &mut out,
+            h.status,
+            &h.headers,
+            h.raw.as_ref(),
+            size,
+            head_only,
+            false,
+        );
+        (String::from_utf8(out).unwrap(), f)
+    }
+
+    #[test]
+    fn raw_lines_are_copied_and_framing_is_ours() {
+        let up = "HTTP/1.1 200 OK\r\nServer: up\r\nDate: Mon, 23 Nov 2026 10:00:00 GMT\r\n\
+                  Content-Length: 5\r\nConnection: keep-alive\r\nX-Odd:  spaced \r\n\
+                  Location: /there\r\nETag: \"1\"\r\n\r\n";
+        let (h, f) = passed_through(up, Some(5), false);
+        assert_eq!(f, Framing::Length(5));
+        assert_eq!(
+            h,
+            "HTTP/1.1 200 OK\r\nlocation: /there\r\nServer: up\r\n\
+             Date: Mon, 23 Nov 2026 10:00:00 GMT\r\nX-Odd:  spaced \r\nETag: \"1\"\r\n\
+             content-length: 5\r\n\r\n",
+            "lines as sent, the filtered name from the map, no hop-by-hop line, one date"
+        );
+        // HEAD keeps the length the upstream gave; 204 has none; no date: ours is added
+        let (h, f) = passed_through(
+            "HTTP/1.1 200 OK\r\nContent-Length: 99\r\nX-A: 1\r\n\r\n",
+            Some(0),
+            true,
+        );
+        assert_eq!(f, Framing::None);
+        assert!(h.contains("X-A: 1\r\ncontent-length: 99\r\ndate: "), "{h}");
+        let (h, f) = passed_through(
+            "HTTP/1.1 204 No Content\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n",
+            Some(0),
+            false,
+        );
+        assert_eq!(f, Framing::None);
+        assert!(h.contains("X-A: 1\r\n") && !h.contains("ength"), "{h}");
     }
 
     #[test]
@@ -659,12 +733,21 @@ mod tests {
         // the response's own `Connection: close` closes the connection too
         let mut map = HeaderMap::new();
         map.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        let (_, close) = encode_head(&mut Vec::new(), StatusCode::OK, &map, None, false, false);
+        let (_, close) = encode_head(
+            &mut Vec::new(),
+            StatusCode::OK,
+            &map,
+            None,
+            None,
+            false,
+            false,
+        );
         assert!(close);
         let (_, close) = encode_head(
             &mut Vec::new(),
             StatusCode::OK,
             &HeaderMap::new(),
+            None,
             None,
             false,
             false,

@@ -2,7 +2,7 @@
 //! both directions, timeouts, one retry of an idempotent request on a stale pooled connection,
 //! and HTTP Upgrade (WebSocket) tunnelling.
 
-use crate::proxy::h1::{self, Conn, Fate, Hop, ReqFraming, RequestHead};
+use crate::proxy::h1::{self, Conn, Fate, Hop, Passthrough, ReqFraming, RequestHead};
 use crate::proxy::headers;
 use crate::proxy::pool;
 use axum::body::Body;
@@ -157,7 +157,7 @@ impl Upstream {
         )?;
         let (parts, body) = req.into_parts();
         // the URL's own path is the request's, not a prefix
-        let out = Outgoing::new(&base, "", parts, body, None, Hop::default());
+        let out = Outgoing::new(&base, "", parts, body, None, Hop::default(), None);
         let x = self.send(&base, out).await?;
         if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(unasked_switch());
@@ -167,7 +167,8 @@ impl Upstream {
 
     /// Forwards `req` (already cleaned at ingress) with what `hop` adds to `base` + its path.
     /// Removes hop-by-hop headers both ways, sets `Host` to the upstream, streams bodies, and
-    /// tunnels an accepted Upgrade.
+    /// tunnels an accepted Upgrade. With `passthrough`, the response's end-to-end header lines
+    /// that it allows come as they were sent, in the response's extensions ([`h1::RawLines`]).
     ///
     /// The request head is written when this is called, not when the future first runs: the
     /// future then holds the head's bytes instead of the request, and stays small. (A
@@ -179,6 +180,7 @@ impl Upstream {
         mut req: Request<Body>,
         base: B,
         hop: Hop<'_>,
+        passthrough: Option<Passthrough>,
     ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + use<'a, B>
     where
         B: std::ops::Deref<Target = UpstreamBase> + Send + Sync + 'a,
@@ -186,7 +188,15 @@ impl Upstream {
         let upgrade = headers::upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let (parts, body) = req.into_parts();
-        let out = Outgoing::new(&base, &base.prefix, parts, body, upgrade.as_ref(), hop);
+        let out = Outgoing::new(
+            &base,
+            &base.prefix,
+            parts,
+            body,
+            upgrade.as_ref(),
+            hop,
+            passthrough,
+        );
         async move {
             let x = self.send(&base, out).await?;
             if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -221,6 +231,9 @@ impl Upstream {
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
+        if let Some(raw) = head.raw {
+            resp.extensions_mut().insert(raw);
+        }
         Ok(resp)
     }
 
@@ -235,6 +248,7 @@ impl Upstream {
             framing,
             replayable,
             is_head,
+            passthrough,
         } = out;
         let t = &self.tuning;
         let (mut conn, reused) = match pool::take(self.id, &base.origin, t.pool_idle_timeout) {
@@ -248,7 +262,10 @@ impl Upstream {
             sent_whole,
             is_head,
         };
-        let failure = match self.exchange(&mut conn, &head, &mut body, framing).await {
+        let failure = match self
+            .exchange(&mut conn, &head, &mut body, framing, passthrough)
+            .await
+        {
             Ok(x) => return Ok(exchanged(conn, x)),
             Err(f) => f,
         };
@@ -267,7 +284,7 @@ impl Upstream {
         );
         drop(conn);
         let mut conn = Box::pin(self.connect(base)).await?;
-        let x = Box::pin(self.exchange(&mut conn, &head, &mut body, framing))
+        let x = Box::pin(self.exchange(&mut conn, &head, &mut body, framing, passthrough))
             .await
             .map_err(|f| exchange_error(f.error))?;
         Ok(exchanged(conn, x))
@@ -280,10 +297,20 @@ impl Upstream {
         head: &Bytes,
         body: &mut Body,
         framing: ReqFraming,
+        passthrough: Option<Passthrough>,
     ) -> Result<(h1::Head, bool), h1::Failure> {
         let t = &self.tuning;
         let max_head = t.max_header_bytes.max(8192) * 2;
-        h1::exchange(conn, head, body, framing, max_head, t.header_read_timeout).await
+        h1::exchange(
+            conn,
+            head,
+            body,
+            framing,
+            max_head,
+            t.header_read_timeout,
+            passthrough,
+        )
+        .await
     }
 
     /// Dials `base` (TCP, and TLS for `https://`).
@@ -314,6 +341,7 @@ struct Outgoing {
     /// turns out to be dead (the upstream closed it as we reused it).
     replayable: bool,
     is_head: bool,
+    passthrough: Option<Passthrough>,
 }
 
 impl Outgoing {
@@ -324,6 +352,7 @@ impl Outgoing {
         body: Body,
         upgrade: Option<&HeaderValue>,
         hop: Hop<'_>,
+        passthrough: Option<Passthrough>,
     ) -> Outgoing {
         let framing = ReqFraming::of(&body);
         let head = RequestHead {
@@ -345,6 +374,7 @@ impl Outgoing {
                 && is_idempotent(&parts.method)
                 && framing == ReqFraming::Empty,
             is_head: parts.method == Method::HEAD,
+            passthrough,
         }
     }
 }
@@ -465,7 +495,7 @@ mod tests {
     fn a_forward_holds_the_written_head_not_the_request() {
         let u = Upstream::new(&ProxyTuning::default());
         let base = UpstreamBase::new(&url::Url::parse("http://127.0.0.1:9/").unwrap()).unwrap();
-        let fut = u.forward(Request::new(Body::empty()), &base, Hop::default());
+        let fut = u.forward(Request::new(Body::empty()), &base, Hop::default(), None);
         let size = std::mem::size_of_val(&fut);
         eprintln!("forward future: {size} bytes");
         assert!(size <= 1024, "the forward future grew to {size} bytes");
