@@ -21,7 +21,7 @@ use crate::accel::Intercept;
 use crate::context::{PrimaryWatch, PushSink, SiteContext};
 use crate::forge::EmbeddedForge;
 use crate::forge::report_status::PushDetectBody;
-use crate::proxy::h1::{Hop, Passthrough};
+use crate::proxy::h1::{Hop, Passthrough, RawSlot};
 use crate::proxy::headers::{self, TrustedProxies};
 use crate::proxy::metrics::{ProxyMetrics, RequestLabels, UpstreamErrorLabels};
 use crate::proxy::route::{self, Target};
@@ -48,12 +48,15 @@ const PROXY_HEADER_NAME: HeaderName = HeaderName::from_static(PROXY_HEADER);
 const PROXY_EXTRA_DATA_HEADER_NAME: HeaderName = HeaderName::from_static(PROXY_EXTRA_DATA_HEADER);
 
 /// Who writes a response to the client.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Writer {
+#[derive(Clone, Copy, Debug)]
+pub enum Writer<'a> {
     /// Writes what the response's map holds (hyper).
     MapOnly,
-    /// Also copies header lines passed through raw ([`RawLines`](crate::proxy::h1::RawLines); the HTTP/1.1 fast path).
-    CopiesRawLines,
+    /// Also copies the header lines a proxied response passed through raw, which it finds in
+    /// this slot ([`RawLines`](crate::proxy::h1::RawLines); the HTTP/1.1 fast path). Nothing
+    /// here replaces a proxied response after the upstream gave it, so the lines in the slot
+    /// belong to the response returned (the accelerator's path, which may, gets no slot).
+    CopiesRawLines(&'a RawSlot),
 }
 
 /// The response headers this module's response filter reads or replaces
@@ -240,13 +243,16 @@ impl Front {
     /// `writer` says who writes the response: with [`Writer::CopiesRawLines`], a proxied
     /// response may carry header lines as the upstream sent them ([`RawLines`](crate::proxy::h1::RawLines), in its
     /// extensions) instead of in its map.
-    pub fn handle(
-        &self,
+    pub fn handle<'a>(
+        &'a self,
         peer: SocketAddr,
         req: Request<Body>,
-        writer: Writer,
-    ) -> impl Future<Output = Response<Body>> + Send + '_ {
-        let passthrough = (writer == Writer::CopiesRawLines).then_some(FILTERED);
+        writer: Writer<'a>,
+    ) -> impl Future<Output = Response<Body>> + Send + 'a {
+        let passthrough = match writer {
+            Writer::MapOnly => None,
+            Writer::CopiesRawLines(slot) => Some((FILTERED, slot)),
+        };
         let start = Instant::now();
         let method = method_label(req.method());
         let route_name = route::route_label(req.uri().path(), req.uri().query());
@@ -291,7 +297,7 @@ impl Front {
         mut req: Request<Body>,
         request_id: &HeaderValue,
         route_name: &'static str,
-        passthrough: Option<Passthrough>,
+        passthrough: Option<(Passthrough, &'a RawSlot)>,
     ) -> Serving<
         'a,
         impl Future<Output = Served> + Send + use<'a>,
@@ -448,7 +454,7 @@ impl Front {
         ingress: &Ingress,
         route_name: &'static str,
         forge: &'a UpstreamBase,
-        passthrough: Option<Passthrough>,
+        passthrough: Option<(Passthrough, &'a RawSlot)>,
     ) -> impl Future<Output = Served> + Send + use<'a> {
         let json = crate::http_util::wants_json(req.headers());
         let forwarding = self.forwarding(&req, ingress);
@@ -494,7 +500,7 @@ impl Front {
         req: Request<Body>,
         ingress: &Ingress,
         route: Arc<PrimaryRoute>,
-        passthrough: Option<Passthrough>,
+        passthrough: Option<(Passthrough, &'a RawSlot)>,
     ) -> impl Future<Output = Served> + Send + use<'a> {
         let json = crate::http_util::wants_json(req.headers());
         let forwarding = self.forwarding(&req, ingress);
@@ -752,7 +758,12 @@ fn request_id(h: &http::HeaderMap) -> HeaderValue {
 /// site with overwhelming probability).
 fn new_request_id() -> HeaderValue {
     thread_local! {
-        static NEXT: std::cell::Cell<(u64, u64)> = std::cell::Cell::new((rand::random::<u64>(), 0));
+        /// The thread's prefix (written out once) and counter.
+        static NEXT: std::cell::Cell<([u8; 17], u64)> = std::cell::Cell::new({
+            let mut p = [b'-'; 17];
+            push_hex(&mut p, 0, rand::random::<u64>(), 16);
+            (p, 0)
+        });
     }
     let (prefix, n) = NEXT.with(|c| {
         let (p, n) = c.get();
@@ -760,11 +771,9 @@ fn new_request_id() -> HeaderValue {
         (p, n)
     });
     let mut buf = [0u8; 33];
-    let mut len = push_hex(&mut buf, 0, prefix, 16);
-    buf[len] = b'-';
-    len += 1;
+    buf[..17].copy_from_slice(&prefix);
     let digits = (16 - n.leading_zeros() as usize / 4).max(1);
-    len = push_hex(&mut buf, len, n, digits);
+    let len = push_hex(&mut buf, 17, n, digits);
     HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("-"))
 }
 

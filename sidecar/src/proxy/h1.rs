@@ -305,9 +305,9 @@ impl Passthrough {
         if n >= 32 || self.lengths >> n & 1 == 0 {
             return RawClass::Line;
         }
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if headers::eq_lower(name, b"content-length") {
             RawClass::Length
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if headers::eq_lower(name, b"connection") {
             RawClass::Connection
         } else if named_in(name, &NEVER_RAW) || named_in(name, self.names) {
             RawClass::Parsed
@@ -344,8 +344,9 @@ const fn lengths_of(names: &[&str]) -> u32 {
 /// [`RawLines::content_length`]) and the [`Passthrough`] names go to the response's map as
 /// before. The lines are whole (name, `:`, value, CRLF), validated by httparse exactly as the
 /// map's values would have been; a line not ending in CRLF goes to the map instead.
-/// A response that carries them has them in its extensions; a writer that does not copy them
-/// puts them into the map first ([`RawLines::append_to`]).
+/// They reach the writer through a [`RawSlot`] it lends to the request's path (no allocation
+/// per response, and no extension that a map-only writer could overlook); without a slot
+/// they are put into the map ([`RawLines::append_to`]).
 #[derive(Clone, Debug)]
 pub struct RawLines {
     head: Bytes,
@@ -356,6 +357,21 @@ pub struct RawLines {
     pub date: bool,
     /// The response's `Content-Length`, when it had a valid one.
     pub content_length: Option<u64>,
+}
+
+/// Where the raw lines of a proxied response are left for the writer that lent the slot: the
+/// response that request's path returns is the one they belong to.
+#[derive(Debug, Default)]
+pub struct RawSlot(std::sync::Mutex<Option<RawLines>>);
+
+impl RawSlot {
+    pub fn put(&self, lines: RawLines) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lines);
+    }
+
+    pub fn take(&self) -> Option<RawLines> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 /// Runs of adjacent raw lines a head may have; lines that would start another go to the map.
@@ -429,9 +445,7 @@ const NEVER_RAW: [&str; 9] = [
 ];
 
 fn named_in(name: &[u8], names: &[&str]) -> bool {
-    names
-        .iter()
-        .any(|n| n.len() == name.len() && name.eq_ignore_ascii_case(n.as_bytes()))
+    names.iter().any(|n| headers::eq_lower(name, n.as_bytes()))
 }
 
 /// Parses a response head at the start of `buf` and removes it from there. `Ok(None)`: not
@@ -520,7 +534,7 @@ pub fn parse_response_head(
                     // the line ends where the next begins (or the empty line does), in CRLF
                     let end = spans.get(i + 1).map_or(len - 2, |n| n.0 as usize);
                     if raw[..end].ends_with(b"\r\n") && l.push(ns as usize, end) {
-                        l.date |= name.eq_ignore_ascii_case(b"date");
+                        l.date |= headers::eq_lower(name, b"date");
                         continue;
                     }
                 }
@@ -531,8 +545,8 @@ pub fn parse_response_head(
                 RawClass::Connection => {
                     // (it names no end-to-end header: see `names_others`)
                     for t in headers::connection_tokens(value) {
-                        close |= t.eq_ignore_ascii_case(b"close");
-                        keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                        close |= headers::eq_lower(t, b"close");
+                        keep_alive |= headers::eq_lower(t, b"keep-alive");
                     }
                     continue;
                 }
@@ -579,10 +593,10 @@ pub fn parse_response_head(
 fn names_others(raw: &[u8], spans: &[(u32, u32, u32, u32)]) -> bool {
     spans.iter().any(|&(ns, nl, vs, vl)| {
         nl == 10
-            && raw[ns as usize..(ns + nl) as usize].eq_ignore_ascii_case(b"connection")
+            && headers::eq_lower(&raw[ns as usize..(ns + nl) as usize], b"connection")
             && headers::connection_tokens(&raw[vs as usize..(vs + vl) as usize]).any(|t| {
-                !t.eq_ignore_ascii_case(b"keep-alive")
-                    && !t.eq_ignore_ascii_case(b"close")
+                !headers::eq_lower(t, b"keep-alive")
+                    && !headers::eq_lower(t, b"close")
                     && headers::named_by_connection(t).is_some()
             })
     })

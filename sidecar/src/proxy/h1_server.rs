@@ -32,8 +32,9 @@
 use crate::proxy::coarse_timer::Deadline;
 use crate::proxy::drain::Drain;
 use crate::proxy::front::{Front, Writer};
-use crate::proxy::h1::RawLines;
 use crate::proxy::h1::push_decimal;
+use crate::proxy::h1::{RawLines, RawSlot};
+use crate::proxy::headers::eq_lower;
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
@@ -96,6 +97,8 @@ pub async fn serve(
 ) -> io::Result<Next> {
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    // a proxied response's header lines as the upstream sent them (see `encode_head`)
+    let slot = RawSlot::default();
     loop {
         let plain = loop {
             if !buf.is_empty() {
@@ -115,10 +118,10 @@ pub async fn serve(
         };
         let head_only = plain.request.method() == Method::HEAD;
         let response = front
-            .handle(peer, plain.request, Writer::CopiesRawLines)
+            .handle(peer, plain.request, Writer::CopiesRawLines(&slot))
             .await;
         let close = plain.close || drain.is_draining();
-        if !write_response(io, &mut out, response, head_only, close).await? {
+        if !write_response(io, &mut out, response, slot.take(), head_only, close).await? {
             return Ok(Next::Closed);
         }
     }
@@ -190,20 +193,20 @@ fn parse_request(buf: &mut BytesMut, max_header_bytes: usize) -> Result<Plain, U
         let mut close = false;
         for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
             let n = h.name.as_bytes();
-            if n.eq_ignore_ascii_case(b"content-length")
-                || n.eq_ignore_ascii_case(b"transfer-encoding")
-                || n.eq_ignore_ascii_case(b"upgrade")
-                || n.eq_ignore_ascii_case(b"expect")
-                || n.eq_ignore_ascii_case(b"te")
+            if eq_lower(n, b"content-length")
+                || eq_lower(n, b"transfer-encoding")
+                || eq_lower(n, b"upgrade")
+                || eq_lower(n, b"expect")
+                || eq_lower(n, b"te")
             {
                 return Err(Unparsed::NotPlain);
             }
-            if n.eq_ignore_ascii_case(b"connection") {
+            if eq_lower(n, b"connection") {
                 for t in crate::proxy::headers::connection_tokens(h.value) {
-                    if t.eq_ignore_ascii_case(b"upgrade") {
+                    if eq_lower(t, b"upgrade") {
                         return Err(Unparsed::NotPlain);
                     }
-                    close |= t.eq_ignore_ascii_case(b"close");
+                    close |= eq_lower(t, b"close");
                 }
             }
             *s = (
@@ -388,13 +391,13 @@ async fn write_response(
     io: &mut TcpStream,
     out: &mut Vec<u8>,
     response: Response<Body>,
+    raw: Option<RawLines>,
     head_only: bool,
     close: bool,
 ) -> io::Result<bool> {
-    let (mut parts, body) = response.into_parts();
+    let (parts, body) = response.into_parts();
     let mut body = pin!(body);
     out.clear();
-    let raw = parts.extensions.remove::<RawLines>();
     let (framing, close) = encode_head(
         out,
         parts.status,
@@ -765,7 +768,7 @@ mod tests {
         let mut client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (mut server, _) = l.accept().await.unwrap();
         let mut out = Vec::new();
-        let reusable = write_response(&mut server, &mut out, resp, head_only, false)
+        let reusable = write_response(&mut server, &mut out, resp, None, head_only, false)
             .await
             .unwrap();
         drop(server);

@@ -22,6 +22,30 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
         || *name == PROXY_CONNECTION
 }
 
+/// `bytes` equals `lower` without regard to ASCII case, for a `lower` of lower-case letters,
+/// digits and `-` (a header name or token looked for) and `bytes` without control characters
+/// (httparse leaves none in names, nor in values but tab). Eight bytes at a time: OR-ing 0x20
+/// lowers a letter and leaves a digit or `-` as it is (only control characters would turn
+/// into one). `eq_ignore_ascii_case`, a byte at a time, was a tenth of a response head's parse.
+#[inline]
+pub fn eq_lower(bytes: &[u8], lower: &[u8]) -> bool {
+    if bytes.len() != lower.len() {
+        return false;
+    }
+    let (mut a, mut b) = (bytes.chunks_exact(8), lower.chunks_exact(8));
+    for (x, y) in (&mut a).zip(&mut b) {
+        let x = u64::from_ne_bytes(x.try_into().expect("8 bytes"));
+        let y = u64::from_ne_bytes(y.try_into().expect("8 bytes"));
+        if x | 0x2020_2020_2020_2020 != y {
+            return false;
+        }
+    }
+    a.remainder()
+        .iter()
+        .zip(b.remainder())
+        .all(|(&x, &y)| x | 0x20 == y)
+}
+
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -438,6 +462,32 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eq_lower_ignores_case_only() {
+        for (a, b, eq) in [
+            ("Content-Length", "content-length", true),
+            ("CONTENT-LENGTH", "content-length", true),
+            ("content-lengtH", "content-length", true),
+            ("content-lengths", "content-length", false),
+            ("content_length", "content-length", false),
+            ("Content-Lengtg", "content-length", false),
+            ("date", "date", true),
+            ("Datf", "date", false),
+            ("", "", true),
+            ("x-1", "x-1", true),
+            ("x-2", "x-1", false),
+            ("Keep-Alive", "keep-alive", true),
+            ("keep~alive", "keep-alive", false),
+        ] {
+            assert_eq!(eq_lower(a.as_bytes(), b.as_bytes()), eq, "{a} {b}");
+            assert_eq!(
+                eq,
+                a.eq_ignore_ascii_case(b),
+                "the same answer as eq_ignore_ascii_case for {a}"
+            );
+        }
+    }
 
     /// Hop-by-hop headers removed from a map, as the request head writer leaves them out
     /// ([`crate::proxy::h1::RequestHead::encode`]).

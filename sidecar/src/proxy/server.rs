@@ -37,7 +37,6 @@
 use crate::proxy::coarse_timer;
 use crate::proxy::drain::{Drain, Graceful};
 use crate::proxy::front::{Front, Writer};
-use crate::proxy::h1::RawLines;
 use crate::proxy::h1_server;
 use crate::proxy::metrics;
 use crate::proxy::sniff::SniffIo;
@@ -268,14 +267,7 @@ async fn serve_connection(
         // to the last head (else it allocates a new one per request).
         front
             .handle(peer, req.map(Body::new), Writer::MapOnly)
-            .map(|mut resp| {
-                // hyper writes only the map (no front passes raw lines to this writer; kept
-                // whole should one ever do)
-                if let Some(raw) = resp.extensions_mut().remove::<RawLines>() {
-                    raw.append_to(resp.headers_mut());
-                }
-                Ok::<_, Infallible>(resp)
-            })
+            .map(Ok::<_, Infallible>)
     });
     let mut conn = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
     let mut asked = false;

@@ -2,7 +2,7 @@
 //! both directions, timeouts, one retry of an idempotent request on a stale pooled connection,
 //! and HTTP Upgrade (WebSocket) tunnelling.
 
-use crate::proxy::h1::{self, Conn, Fate, Hop, Passthrough, ReqFraming, RequestHead};
+use crate::proxy::h1::{self, Conn, Fate, Hop, Passthrough, RawSlot, ReqFraming, RequestHead};
 use crate::proxy::headers;
 use crate::proxy::pool;
 use axum::body::Body;
@@ -162,13 +162,14 @@ impl Upstream {
         if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(unasked_switch());
         }
-        self.response(&base, x)
+        self.response(&base, x, None)
     }
 
     /// Forwards `req` (already cleaned at ingress) with what `hop` adds to `base` + its path.
     /// Removes hop-by-hop headers both ways, sets `Host` to the upstream, streams bodies, and
     /// tunnels an accepted Upgrade. With `passthrough`, the response's end-to-end header lines
-    /// that it allows come as they were sent, in the response's extensions ([`h1::RawLines`]).
+    /// that it allows are left in its slot as they were sent ([`h1::RawLines`]), not in the
+    /// response's map.
     ///
     /// The request head is written when this is called, not when the future first runs: the
     /// future then holds the head's bytes instead of the request, and stays small. (A
@@ -180,7 +181,7 @@ impl Upstream {
         mut req: Request<Body>,
         base: B,
         hop: Hop<'_>,
-        passthrough: Option<Passthrough>,
+        passthrough: Option<(Passthrough, &'a RawSlot)>,
     ) -> impl Future<Output = Result<Response<Body>, UpstreamError>> + Send + use<'a, B>
     where
         B: std::ops::Deref<Target = UpstreamBase> + Send + Sync + 'a,
@@ -195,8 +196,9 @@ impl Upstream {
             body,
             upgrade.as_ref(),
             hop,
-            passthrough,
+            passthrough.map(|(p, _)| p),
         );
+        let slot = passthrough.map(|(_, s)| s);
         async move {
             let x = self.send(&base, out).await?;
             if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -206,15 +208,17 @@ impl Upstream {
                 return Ok(tunnel(x.conn, x.head, client_upgrade, upgrade));
             }
             // hop-by-hop headers were left out of the parsed head
-            Ok(self.response(&base, x)?.map(Body::new))
+            Ok(self.response(&base, x, slot)?.map(Body::new))
         }
     }
 
-    /// The response of an exchange, its body reading from its connection.
+    /// The response of an exchange, its body reading from its connection; raw lines go to
+    /// `slot`, or else into the map.
     fn response(
         &self,
         base: &UpstreamBase,
         x: Exchanged,
+        slot: Option<&RawSlot>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let Exchanged {
             conn,
@@ -232,7 +236,10 @@ impl Upstream {
         *resp.version_mut() = head.version;
         *resp.headers_mut() = head.headers;
         if let Some(raw) = head.raw {
-            resp.extensions_mut().insert(raw);
+            match slot {
+                Some(slot) => slot.put(raw),
+                None => raw.append_to(resp.headers_mut()),
+            }
         }
         Ok(resp)
     }
