@@ -8,8 +8,7 @@ pub type Resp = Response<Body>;
 
 /// Whether the client asked for JSON.
 pub fn wants_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::ACCEPT)
+    crate::proxy::headers::find(headers, &header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/json"))
 }

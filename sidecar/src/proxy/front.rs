@@ -601,7 +601,7 @@ impl Front {
     /// This hop's forwarding headers for `req`.
     fn forwarding(&self, req: &Request<Body>, ingress: &Ingress) -> headers::Forwarding {
         let authority; // an HTTP/2 request names its host in the URI
-        let host = match req.headers().get(header::HOST) {
+        let host = match headers::find(req.headers(), &header::HOST) {
             Some(h) => Some(h),
             None => {
                 authority = req
@@ -722,7 +722,8 @@ fn framing_check(req: &Request<Body>, max_header_bytes: usize) -> Option<Respons
         .get::<crate::proxy::sniff::ConflictFlag>()
         .is_some_and(|f| f.is_set());
     if conflict
-        || (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
+        || (headers::find(h, &header::TRANSFER_ENCODING).is_some()
+            && headers::find(h, &header::CONTENT_LENGTH).is_some())
     {
         let mut r = crate::http_util::error(
             StatusCode::BAD_REQUEST,
@@ -740,7 +741,7 @@ use headers::X_REQUEST_ID;
 
 /// `x-request-id` from the client when sane, else a fresh one.
 fn request_id(h: &http::HeaderMap) -> HeaderValue {
-    h.get(X_REQUEST_ID)
+    headers::find(h, &X_REQUEST_ID)
         .filter(|v| {
             let b = v.as_bytes();
             !b.is_empty()

@@ -448,6 +448,55 @@ fn named_in(name: &[u8], names: &[&str]) -> bool {
     names.iter().any(|n| headers::eq_lower(name, n.as_bytes()))
 }
 
+/// Where header lines lie in a head: (name start, name len, value start, value len), kept to
+/// build values that share the head's bytes once it is split off its buffer (httparse borrows
+/// the buffer). A few inline, more in a vector: zeroing room for the most a head may have
+/// was a kilobyte or more per head.
+pub(crate) struct Spans {
+    inline: [(u32, u32, u32, u32); INLINE_SPANS],
+    len: usize,
+    more: Vec<(u32, u32, u32, u32)>,
+}
+
+const INLINE_SPANS: usize = 24;
+
+impl Spans {
+    pub(crate) fn new() -> Spans {
+        Spans {
+            inline: [(0, 0, 0, 0); INLINE_SPANS],
+            len: 0,
+            more: Vec::new(),
+        }
+    }
+
+    /// Records the line `name: value`, both within `base`'s buffer (at `base`).
+    pub(crate) fn push(&mut self, base: usize, name: &[u8], value: &[u8]) {
+        let s = (
+            (name.as_ptr() as usize - base) as u32,
+            name.len() as u32,
+            (value.as_ptr() as usize - base) as u32,
+            value.len() as u32,
+        );
+        if self.len < INLINE_SPANS && self.more.is_empty() {
+            self.inline[self.len] = s;
+            self.len += 1;
+        } else {
+            if self.more.is_empty() {
+                self.more.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.more.push(s);
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[(u32, u32, u32, u32)] {
+        if self.more.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.more
+        }
+    }
+}
+
 /// Parses a response head at the start of `buf` and removes it from there. `Ok(None)`: not
 /// complete yet. The head may not exceed `max` bytes. With `passthrough`, the end-to-end lines
 /// it allows are kept raw ([`RawLines`]) instead of going to the map (never for a 1xx, nor
@@ -457,10 +506,8 @@ pub fn parse_response_head(
     max: usize,
     passthrough: Option<Passthrough>,
 ) -> Result<Option<Head>, &'static str> {
-    // (name start, name len, value start, value len) of each header, to build the map once the
-    // head is split off the buffer (httparse borrows it)
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let (len, code, minor, count) = {
+    let mut spans = Spans::new();
+    let (len, code, minor) = {
         // uninitialised: httparse writes what it finds (no 3 KiB of empty headers per parse)
         let mut raw = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
         let mut r = httparse::Response::new(&mut []);
@@ -479,20 +526,10 @@ pub fn parse_response_head(
             return Err("response head too large");
         }
         let base = buf.as_ptr() as usize;
-        for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
-            *s = (
-                (h.name.as_ptr() as usize - base) as u32,
-                h.name.len() as u32,
-                (h.value.as_ptr() as usize - base) as u32,
-                h.value.len() as u32,
-            );
+        for h in r.headers.iter() {
+            spans.push(base, h.name.as_bytes(), h.value);
         }
-        (
-            len,
-            r.code.unwrap_or(0),
-            r.version.unwrap_or(1),
-            r.headers.len(),
-        )
+        (len, r.code.unwrap_or(0), r.version.unwrap_or(1))
     };
     let status = StatusCode::from_u16(code).map_err(|_| "bad response status")?;
     let raw = buf.split_to(len).freeze();
@@ -501,7 +538,8 @@ pub fn parse_response_head(
     } else {
         Version::HTTP_11
     };
-    let spans = &spans[..count];
+    let spans = spans.as_slice();
+    let count = spans.len();
     // lines are copied whole, so the head must end in CRLF CRLF (a bare LF head goes to the map)
     let passthrough = passthrough.filter(|_| {
         !status.is_informational() && raw.ends_with(b"\r\n\r\n") && !names_others(&raw, spans)
@@ -1477,6 +1515,30 @@ mod tests {
         );
         assert_eq!(map["x-a"], "1");
         assert_eq!(map["content-length"], "0");
+    }
+
+    #[test]
+    fn heads_with_more_lines_than_are_kept_inline_parse_whole() {
+        let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..INLINE_SPANS + 5 {
+            raw.push_str(&format!("X-{i}: v{i}\r\n"));
+        }
+        raw.push_str("\r\n");
+        for pass in [None, PASS] {
+            let h = parse_response_head(&mut BytesMut::from(raw.as_str()), 8192, pass)
+                .unwrap()
+                .unwrap();
+            let mut map = h.headers.clone();
+            if let Some(r) = &h.raw {
+                r.append_to(&mut map);
+            }
+            assert_eq!(map.len(), INLINE_SPANS + 5);
+            assert_eq!(map["x-0"], "v0");
+            assert_eq!(
+                map[format!("x-{}", INLINE_SPANS + 4).as_str()],
+                format!("v{}", INLINE_SPANS + 4).as_str()
+            );
+        }
     }
 
     #[test]

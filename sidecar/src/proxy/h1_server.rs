@@ -33,7 +33,7 @@ use crate::proxy::coarse_timer::Deadline;
 use crate::proxy::drain::Drain;
 use crate::proxy::front::{Front, Writer};
 use crate::proxy::h1::push_decimal;
-use crate::proxy::h1::{RawLines, RawSlot};
+use crate::proxy::h1::{RawLines, RawSlot, Spans};
 use crate::proxy::headers::eq_lower;
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
@@ -167,10 +167,8 @@ async fn read_head_bytes(
 
 /// Parses the head at the start of `buf`; a plain one is split off the buffer.
 fn parse_request(buf: &mut BytesMut, max_header_bytes: usize) -> Result<Plain, Unparsed> {
-    // (name start, name len, value start, value len) of each header line, to build the map once
-    // the head is split off the buffer (httparse borrows it)
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let (len, method, target, count, close) = {
+    let mut spans = Spans::new();
+    let (len, method, target, close) = {
         let mut raw = [const { std::mem::MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
         let mut r = httparse::Request::new(&mut []);
         let len = match httparse::ParserConfig::default()
@@ -191,7 +189,7 @@ fn parse_request(buf: &mut BytesMut, max_header_bytes: usize) -> Result<Plain, U
         }
         let base = buf.as_ptr() as usize;
         let mut close = false;
-        for (s, h) in spans.iter_mut().zip(r.headers.iter()) {
+        for h in r.headers.iter() {
             let n = h.name.as_bytes();
             if eq_lower(n, b"content-length")
                 || eq_lower(n, b"transfer-encoding")
@@ -209,18 +207,13 @@ fn parse_request(buf: &mut BytesMut, max_header_bytes: usize) -> Result<Plain, U
                     close |= eq_lower(t, b"close");
                 }
             }
-            *s = (
-                (h.name.as_ptr() as usize - base) as u32,
-                h.name.len() as u32,
-                (h.value.as_ptr() as usize - base) as u32,
-                h.value.len() as u32,
-            );
+            spans.push(base, n, h.value);
         }
         let Ok(method) = Method::from_bytes(method.as_bytes()) else {
             return Err(Unparsed::NotPlain);
         };
         let target = ((path.as_ptr() as usize - base) as u32, path.len() as u32);
-        (len, method, target, r.headers.len(), close)
+        (len, method, target, close)
     };
     // httparse validated the head; the `http` types check a few things more (the target as a
     // URI, above all). A head they refuse goes back in front of the buffer, for hyper.
@@ -229,8 +222,9 @@ fn parse_request(buf: &mut BytesMut, max_header_bytes: usize) -> Result<Plain, U
         let uri =
             Uri::from_maybe_shared(raw.slice(target.0 as usize..(target.0 + target.1) as usize))
                 .ok()?;
-        let mut headers = HeaderMap::with_capacity(count);
-        for &(ns, nl, vs, vl) in &spans[..count] {
+        let spans = spans.as_slice();
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for &(ns, nl, vs, vl) in spans {
             let name = HeaderName::from_bytes(&raw[ns as usize..(ns + nl) as usize]).ok()?;
             let value =
                 HeaderValue::from_maybe_shared(raw.slice(vs as usize..(vs + vl) as usize)).ok()?;
@@ -567,6 +561,13 @@ mod tests {
         let (p, _) = plain(b"DELETE /x HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n");
         assert_eq!(p.request.method(), Method::DELETE);
         assert!(p.close);
+
+        // many lines (more than are kept inline while parsing)
+        let many: String = (0..40).map(|i| format!("X-{i}: {i}\r\n")).collect();
+        let (p, _) = plain(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes());
+        assert_eq!(p.request.headers().len(), 40);
+        assert_eq!(p.request.headers()["x-0"], "0");
+        assert_eq!(p.request.headers()["x-39"], "39");
     }
 
     #[test]

@@ -46,6 +46,20 @@ pub fn eq_lower(bytes: &[u8], lower: &[u8]) -> bool {
         .all(|(&x, &y)| x | 0x20 == y)
 }
 
+/// Maps with at most this many names are searched by a scan ([`find`]).
+const SCAN_MAX: usize = 8;
+
+/// `h.get(name)`, found by comparing names in a small map: most requests carry a handful of
+/// headers, and hashing the name looked for (a custom one byte by byte) and probing cost more
+/// than comparing it with each (a standard name is compared as a number).
+pub fn find<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a HeaderValue> {
+    if h.keys_len() <= SCAN_MAX {
+        h.iter().find(|(n, _)| *n == name).map(|(_, v)| v)
+    } else {
+        h.get(name)
+    }
+}
+
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -173,6 +187,9 @@ fn forwarded_for(h: &HeaderMap) -> Vec<IpAddr> {
 /// The other headers a `Connection` header names as hop-by-hop (usually none: it names only
 /// `keep-alive`, `close` or `upgrade`, which are hop-by-hop anyway, and nothing is allocated).
 pub fn connection_named(h: &HeaderMap) -> Vec<HeaderName> {
+    if find(h, &header::CONNECTION).is_none() {
+        return Vec::new();
+    }
     h.get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| connection_tokens(v.as_bytes()))
@@ -204,7 +221,7 @@ pub fn named_by_connection(token: &[u8]) -> Option<HeaderName> {
 /// The `Upgrade` protocol of a request that asks to switch protocols (e.g. `websocket`).
 pub fn upgrade_protocol(h: &HeaderMap) -> Option<HeaderValue> {
     // most requests have no `Upgrade`: one lookup, and `Connection` is not parsed
-    let proto = h.get(header::UPGRADE)?;
+    let proto = find(h, &header::UPGRADE)?;
     h.get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| connection_tokens(v.as_bytes()))
@@ -462,6 +479,29 @@ fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_scans_small_maps_and_hashes_large_ones() {
+        for extra in [0, SCAN_MAX + 4] {
+            let mut h = HeaderMap::new();
+            for i in 0..extra {
+                h.insert(
+                    HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
+                    HeaderValue::from(i),
+                );
+            }
+            h.append(header::HOST, HeaderValue::from_static("a"));
+            h.append(X_REQUEST_ID, HeaderValue::from_static("id"));
+            h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+            assert_eq!(find(&h, &header::HOST).unwrap(), "a", "{extra}");
+            assert_eq!(find(&h, &X_REQUEST_ID).unwrap(), "id", "the first value");
+            assert!(find(&h, &header::UPGRADE).is_none());
+            assert!(find(&h, &X_FORWARDED_FOR).is_none());
+            if extra > 0 {
+                assert_eq!(find(&h, &HeaderName::from_static("x-3")).unwrap(), "3");
+            }
+        }
+    }
 
     #[test]
     fn eq_lower_ignores_case_only() {
