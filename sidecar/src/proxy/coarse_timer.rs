@@ -143,6 +143,29 @@ impl Deadline {
         .unwrap_or_else(|| Deadline::Exact(Box::pin(tokio::time::sleep(after))))
     }
 
+    /// Sets `self` to `after` from now, keeping its slot (a deadline used again and again, as
+    /// a connection's for each of its heads, costs an update rather than a slot each time).
+    /// Until it is reset, a deadline that has passed stays due.
+    pub fn reset(&mut self, after: Duration) {
+        if let Deadline::Coarse { wheel, slot, at } = self {
+            let done = with_wheel(|w| {
+                let due = coarse_now(w) + after;
+                match w.slots.get_mut(*slot) {
+                    Some(Some(e)) if w.id == *wheel => {
+                        e.at = due;
+                        *at = due;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if done == Some(true) {
+                return;
+            }
+        }
+        *self = Deadline::after(after);
+    }
+
     /// A deadline at `at`.
     pub fn at(at: Instant) -> Deadline {
         with_wheel(|w| arm(w, at))
@@ -291,6 +314,41 @@ mod tests {
                 .expect("the short deadline fired");
             with_wheel(|w| assert_eq!(w.armed, 1, "only the long one is left")).unwrap();
             drop(long);
+        });
+    }
+
+    #[test]
+    fn a_reset_deadline_keeps_its_slot_and_fires_at_its_new_time() {
+        rt().block_on(async {
+            tokio::spawn(run_ticker());
+            tokio::task::yield_now().await;
+            let mut d = Deadline::after(Duration::from_secs(1));
+            let Deadline::Coarse { slot: before, .. } = d else {
+                panic!("coarse")
+            };
+            tokio::time::timeout(Duration::from_secs(10), &mut d)
+                .await
+                .expect("fired");
+            // due now; reset, it waits again, in the same slot
+            let start = Instant::now();
+            d.reset(Duration::from_secs(5));
+            let Deadline::Coarse { slot: after, .. } = d else {
+                panic!("coarse")
+            };
+            assert_eq!(before, after);
+            with_wheel(|w| assert_eq!(w.armed, 1)).unwrap();
+            assert!(
+                tokio::time::timeout(Duration::from_secs(4), &mut d)
+                    .await
+                    .is_err(),
+                "not due before its new time"
+            );
+            tokio::time::timeout(Duration::from_secs(10), &mut d)
+                .await
+                .expect("fired at its new time");
+            assert!(start.elapsed() >= Duration::from_secs(5) - TICK);
+            drop(d);
+            with_wheel(|w| assert_eq!(w.armed, 0)).unwrap();
         });
     }
 

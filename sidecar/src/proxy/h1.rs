@@ -64,6 +64,8 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 pub struct Conn {
     pub io: Box<dyn Stream>,
     pub rbuf: BytesMut,
+    /// The wait for a response head: kept with the connection and reset for each exchange.
+    deadline: Option<Deadline>,
 }
 
 impl Conn {
@@ -71,6 +73,7 @@ impl Conn {
         Conn {
             io,
             rbuf: BytesMut::new(),
+            deadline: None,
         }
     }
 
@@ -926,7 +929,7 @@ pub async fn exchange(
     let mut body_ended = framing == ReqFraming::Empty;
     let mut sent: u64 = 0;
     let mut answered = false;
-    let mut deadline: Option<Deadline> = None;
+    let mut timing = false;
     let fail = |fate, error| Failure { fate, error };
     std::future::poll_fn(|cx| {
         loop {
@@ -956,7 +959,14 @@ pub async fn exchange(
                 continue;
             }
             if body_ended {
-                let d = deadline.get_or_insert_with(|| Deadline::after(header_timeout));
+                if !timing {
+                    timing = true;
+                    match &mut conn.deadline {
+                        Some(d) => d.reset(header_timeout),
+                        None => conn.deadline = Some(Deadline::after(header_timeout)),
+                    }
+                }
+                let d = conn.deadline.as_mut().expect("set when the timing began");
                 ready!(Pin::new(d).poll(cx));
                 return Poll::Ready(Err(fail(
                     Fate::Final,
@@ -1955,6 +1965,49 @@ mod tests {
             "the upload did not finish: the connection is not reused"
         );
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn each_exchange_on_a_connection_gets_its_own_time_for_the_head() {
+        let mut conn = upstream(|mut s| async move {
+            for delay in [0, 100] {
+                read_head(&mut s).await;
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .await
+                    .unwrap();
+            }
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let timeout = Duration::from_millis(300);
+        let (head, mut body) = (get(), Body::empty());
+        let (h, _) = exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            ReqFraming::Empty,
+            8192,
+            timeout,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(h.status, StatusCode::NO_CONTENT);
+        // the first exchange's deadline passes while the connection is idle
+        tokio::time::sleep(timeout * 2).await;
+        let (h, _) = exchange(
+            &mut conn,
+            &head,
+            &mut body,
+            ReqFraming::Empty,
+            8192,
+            timeout,
+            None,
+        )
+        .await
+        .expect("the second head, 100 ms after its request, is in time");
+        assert_eq!(h.status, StatusCode::NO_CONTENT);
     }
 
     #[tokio::test]

@@ -99,7 +99,11 @@ pub async fn serve(
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     // a proxied response's header lines as the upstream sent them (see `encode_head`)
     let slot = RawSlot::default();
+    // the header read timeout: one deadline for the connection, reset for each head
+    let mut deadline: Option<Deadline> = None;
     loop {
+        // the timeout runs from the first wait for this head until the head is whole
+        let mut waited = false;
         let plain = loop {
             if !buf.is_empty() {
                 match parse_request(&mut buf, limits.max_header_bytes) {
@@ -111,7 +115,8 @@ pub async fn serve(
                     Err(Unparsed::Partial) => {}
                 }
             }
-            match read_head_bytes(io, &mut buf, limits.header_read_timeout, drain).await? {
+            let timeout = (limits.header_read_timeout, &mut deadline, &mut waited);
+            match read_head_bytes(io, &mut buf, timeout, drain).await? {
                 Fill::Read => {}
                 Fill::End => return Ok(Next::Closed),
             }
@@ -133,17 +138,17 @@ enum Fill {
     End,
 }
 
-/// Reads more of a request head. The timeout starts when the read first has to wait.
+/// Reads more of a request head. The timeout (its length, the connection's deadline, and
+/// whether this head has waited before) starts when the head first has to wait.
 async fn read_head_bytes(
     io: &mut TcpStream,
     buf: &mut BytesMut,
-    timeout: Duration,
+    (timeout, deadline, waited): (Duration, &mut Option<Deadline>, &mut bool),
     drain: &Drain,
 ) -> io::Result<Fill> {
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(8 * 1024);
     }
-    let mut deadline: Option<Deadline> = None;
     poll_fn(|cx| {
         if buf.is_empty() && drain.is_draining() {
             return Poll::Ready(Ok(Fill::End));
@@ -156,7 +161,14 @@ async fn read_head_bytes(
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        let d = deadline.get_or_insert_with(|| Deadline::after(timeout));
+        if !*waited {
+            *waited = true;
+            match deadline {
+                Some(d) => d.reset(timeout),
+                None => *deadline = Some(Deadline::after(timeout)),
+            }
+        }
+        let d = deadline.as_mut().expect("set when first waited");
         if Pin::new(d).poll(cx).is_ready() {
             return Poll::Ready(Ok(Fill::End));
         }

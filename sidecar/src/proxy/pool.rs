@@ -25,7 +25,7 @@ struct Idle {
 
 struct List {
     upstream: u64,
-    origin: Uri,
+    origin: OriginKey,
     idle: Vec<Idle>,
 }
 
@@ -33,24 +33,47 @@ thread_local! {
     static LISTS: RefCell<Vec<List>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Origins come from [`crate::proxy::upstream::UpstreamBase`], normalised by the URL parser:
-/// compared byte for byte (`Uri`'s own equality folds case, byte by byte).
-fn same_origin(a: &Uri, b: &Uri) -> bool {
-    a.scheme_str() == b.scheme_str()
-        && a.authority().map(|x| x.as_str()) == b.authority().map(|x| x.as_str())
+/// An origin (`scheme://authority`) as a number, the same for the same origin: lists are
+/// told apart by comparing two numbers, not two URIs, and a connection's way back to its
+/// list is a number, not a URI to clone per request. Origins come from
+/// [`crate::proxy::upstream::UpstreamBase`], normalised by the URL parser, and are compared
+/// byte for byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OriginKey(u64);
+
+impl OriginKey {
+    /// The key of `origin` (looked up once per upstream base, not per request).
+    pub fn of(origin: &Uri) -> OriginKey {
+        // every origin ever proxied to: a few, growing only when configured URLs change
+        static ORIGINS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let s = format!(
+            "{}://{}",
+            origin.scheme_str().unwrap_or(""),
+            origin.authority().map_or("", |a| a.as_str())
+        );
+        let mut known = ORIGINS.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match known.iter().position(|k| *k == s) {
+            Some(i) => i,
+            None => {
+                known.push(s);
+                known.len() - 1
+            }
+        };
+        OriginKey(i as u64)
+    }
 }
 
-fn with_list<R>(upstream: u64, origin: &Uri, f: impl FnOnce(&mut Vec<Idle>) -> R) -> R {
+fn with_list<R>(upstream: u64, origin: OriginKey, f: impl FnOnce(&mut Vec<Idle>) -> R) -> R {
     LISTS.with_borrow_mut(|lists| {
         let i = match lists
             .iter()
-            .position(|l| l.upstream == upstream && same_origin(&l.origin, origin))
+            .position(|l| l.upstream == upstream && l.origin == origin)
         {
             Some(i) => i,
             None => {
                 lists.push(List {
                     upstream,
-                    origin: origin.clone(),
+                    origin,
                     idle: Vec::new(),
                 });
                 lists.len() - 1
@@ -61,7 +84,7 @@ fn with_list<R>(upstream: u64, origin: &Uri, f: impl FnOnce(&mut Vec<Idle>) -> R
 }
 
 /// The most recently used open idle connection to `origin`, if any.
-pub fn take(upstream: u64, origin: &Uri, idle_timeout: Duration) -> Option<Conn> {
+pub fn take(upstream: u64, origin: OriginKey, idle_timeout: Duration) -> Option<Conn> {
     with_list(upstream, origin, |idle| {
         // the coarse clock is up to a tick old: nothing next to an idle limit of seconds
         let now = coarse_timer::now();
@@ -78,12 +101,12 @@ pub fn take(upstream: u64, origin: &Uri, idle_timeout: Duration) -> Option<Conn>
 /// Where a connection goes back once its response has been read.
 pub struct Checkin {
     upstream: u64,
-    origin: Uri,
+    origin: OriginKey,
     idle_timeout: Duration,
 }
 
 impl Checkin {
-    pub fn new(upstream: u64, origin: Uri, idle_timeout: Duration) -> Checkin {
+    pub fn new(upstream: u64, origin: OriginKey, idle_timeout: Duration) -> Checkin {
         Checkin {
             upstream,
             origin,
@@ -98,7 +121,7 @@ impl Checkin {
             origin,
             idle_timeout,
         } = self;
-        with_list(upstream, &origin, |idle| {
+        with_list(upstream, origin, |idle| {
             // the oldest are first: drop the expired ones while the list is at hand
             let expired = idle
                 .iter()
@@ -128,7 +151,7 @@ mod tests {
 
     /// A loopback server that reports when the client closed its connection, and a
     /// connection to it.
-    async fn connection() -> (Uri, Conn, tokio::sync::oneshot::Receiver<()>) {
+    async fn connection() -> (OriginKey, Conn, tokio::sync::oneshot::Receiver<()>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let origin: Uri = format!("http://{}/", l.local_addr().unwrap())
             .parse()
@@ -143,17 +166,32 @@ mod tests {
         let io = tokio::net::TcpStream::connect(origin.authority().unwrap().as_str())
             .await
             .unwrap();
-        (origin, Conn::new(Box::new(io)), closed)
+        (OriginKey::of(&origin), Conn::new(Box::new(io)), closed)
     }
 
     const IDLE: Duration = Duration::from_secs(20);
 
+    #[test]
+    fn origins_have_one_key_each() {
+        let key = |s: &str| OriginKey::of(&s.parse().unwrap());
+        assert_eq!(
+            key("http://a.example:8080/"),
+            key("http://a.example:8080/x")
+        );
+        assert_ne!(
+            key("http://a.example:8080/"),
+            key("https://a.example:8080/")
+        );
+        assert_ne!(key("http://a.example:8080/"), key("http://a.example:8081/"));
+        assert_ne!(key("http://a.example/"), key("http://b.example/"));
+    }
+
     #[tokio::test]
     async fn a_checked_in_connection_is_handed_out_once() {
         let (origin, conn, _closed) = connection().await;
-        Checkin::new(1, origin.clone(), IDLE).put(conn);
-        assert!(take(1, &origin, IDLE).is_some());
-        assert!(take(1, &origin, IDLE).is_none(), "taken already");
+        Checkin::new(1, origin, IDLE).put(conn);
+        assert!(take(1, origin, IDLE).is_some());
+        assert!(take(1, origin, IDLE).is_none(), "taken already");
     }
 
     #[tokio::test]
@@ -162,8 +200,8 @@ mod tests {
         let long_ago = Instant::now()
             .checked_sub(IDLE * 2)
             .expect("the clock started long ago");
-        Checkin::new(7, origin.clone(), IDLE).put_at(conn, long_ago);
-        assert!(take(7, &origin, IDLE).is_none());
+        Checkin::new(7, origin, IDLE).put_at(conn, long_ago);
+        assert!(take(7, origin, IDLE).is_none());
         tokio::time::timeout(Duration::from_secs(10), closed)
             .await
             .expect("the upstream saw the expired connection close within 10 s")
@@ -173,10 +211,10 @@ mod tests {
     #[tokio::test]
     async fn connections_of_other_upstreams_or_origins_are_not_mixed() {
         let (origin, conn, _closed) = connection().await;
-        Checkin::new(3, origin.clone(), IDLE).put(conn);
-        let other: Uri = "http://127.0.0.1:1/".parse().unwrap();
-        assert!(take(4, &origin, IDLE).is_none(), "another upstream's list");
-        assert!(take(3, &other, IDLE).is_none(), "another origin");
-        assert!(take(3, &origin, IDLE).is_some());
+        Checkin::new(3, origin, IDLE).put(conn);
+        let other = OriginKey::of(&"http://127.0.0.1:1/".parse().unwrap());
+        assert!(take(4, origin, IDLE).is_none(), "another upstream's list");
+        assert!(take(3, other, IDLE).is_none(), "another origin");
+        assert!(take(3, origin, IDLE).is_some());
     }
 }

@@ -77,6 +77,8 @@ pub struct UpstreamBase {
     url: url::Url,
     /// `scheme://host:port`: the pool key and the URI the connector dials.
     origin: Uri,
+    /// The origin's key in the connection pool.
+    origin_key: pool::OriginKey,
     host: HeaderValue,
     /// The URL's path without its trailing `/` (empty for most upstreams).
     prefix: String,
@@ -103,6 +105,7 @@ impl UpstreamBase {
             host: HeaderValue::from_str(&authority)
                 .map_err(|e| UpstreamError::BadUrl(e.to_string()))?,
             prefix: url.path().trim_end_matches('/').to_string(),
+            origin_key: pool::OriginKey::of(&origin),
             origin,
             url: url.clone(),
         })
@@ -199,7 +202,10 @@ impl Upstream {
             passthrough.map(|(p, _)| p),
         );
         let slot = passthrough.map(|(_, s)| s);
-        async move {
+        // Boxed: the exchange's state is most of a request's future (a kilobyte), which every
+        // caller's combinator and the connection's loop would otherwise copy as they take it
+        // in; one allocation costs less than those copies.
+        Box::pin(async move {
             let x = self.send(&base, out).await?;
             if x.head.status == StatusCode::SWITCHING_PROTOCOLS {
                 let Some(client_upgrade) = client_upgrade else {
@@ -209,7 +215,7 @@ impl Upstream {
             }
             // hop-by-hop headers were left out of the parsed head
             Ok(self.response(&base, x, slot)?.map(Body::new))
-        }
+        })
     }
 
     /// The response of an exchange, its body reading from its connection; raw lines go to
@@ -228,9 +234,8 @@ impl Upstream {
         } = x;
         let (framing, must_close) = h1::response_framing(is_head, &head)
             .map_err(|e| UpstreamError::Other(format!("bad response: {e}")))?;
-        let checkin = (head.keep_alive && sent_whole && !must_close).then(|| {
-            pool::Checkin::new(self.id, base.origin.clone(), self.tuning.pool_idle_timeout)
-        });
+        let checkin = (head.keep_alive && sent_whole && !must_close)
+            .then(|| pool::Checkin::new(self.id, base.origin_key, self.tuning.pool_idle_timeout));
         let mut resp = Response::new(h1::ResponseBody::new(conn, framing, checkin));
         *resp.status_mut() = head.status;
         *resp.version_mut() = head.version;
@@ -258,7 +263,7 @@ impl Upstream {
             passthrough,
         } = out;
         let t = &self.tuning;
-        let (mut conn, reused) = match pool::take(self.id, &base.origin, t.pool_idle_timeout) {
+        let (mut conn, reused) = match pool::take(self.id, base.origin_key, t.pool_idle_timeout) {
             Some(conn) => (conn, true),
             // boxed: a dial is rare and its future large (moved with every request's otherwise)
             None => (Box::pin(self.connect(base)).await?, false),
@@ -415,7 +420,7 @@ fn tunnel(
             }
         };
         let mut client = TokioIo::new(client);
-        let Conn { mut io, rbuf } = conn;
+        let Conn { mut io, rbuf, .. } = conn;
         if !rbuf.is_empty()
             && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &rbuf).await
         {
