@@ -166,6 +166,14 @@ impl Deadline {
         *self = Deadline::after(after);
     }
 
+    /// `deadline` set to `after` from now: the one there reset, or else a new one.
+    pub fn reset_or_arm(deadline: &mut Option<Deadline>, after: Duration) {
+        match deadline {
+            Some(d) => d.reset(after),
+            None => *deadline = Some(Deadline::after(after)),
+        }
+    }
+
     /// A deadline at `at`.
     pub fn at(at: Instant) -> Deadline {
         with_wheel(|w| arm(w, at))

@@ -241,8 +241,8 @@ impl Front {
     /// what serving needs, not the request (see [`Upstream::forward`] on why that matters).
     ///
     /// `writer` says who writes the response: with [`Writer::CopiesRawLines`], a proxied
-    /// response may carry header lines as the upstream sent them ([`RawLines`](crate::proxy::h1::RawLines), in its
-    /// extensions) instead of in its map.
+    /// response's header lines may be left in the writer's slot as the upstream sent them
+    /// ([`RawLines`](crate::proxy::h1::RawLines)) instead of in its map.
     pub fn handle<'a>(
         &'a self,
         peer: SocketAddr,

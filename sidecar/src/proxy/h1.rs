@@ -285,8 +285,8 @@ pub struct Head {
 #[derive(Clone, Copy, Debug)]
 pub struct Passthrough {
     names: &'static [&'static str],
-    /// Bit n set: one of `names` (or [`NEVER_RAW`]) is n bytes long. Most lines are told
-    /// apart by their length alone.
+    /// Bit n set: one of `names`, of the hop-by-hop names or `content-length` is n bytes
+    /// long. Most lines are told apart by their length alone.
     lengths: u32,
 }
 
@@ -295,7 +295,9 @@ impl Passthrough {
     pub const fn new(names: &'static [&'static str]) -> Passthrough {
         Passthrough {
             names,
-            lengths: lengths_of(names) | lengths_of(&NEVER_RAW),
+            lengths: lengths_of(names)
+                | lengths_of(&headers::HOP_BY_HOP)
+                | lengths_of(&["content-length"]),
         }
     }
 
@@ -312,7 +314,7 @@ impl Passthrough {
             RawClass::Length
         } else if headers::eq_lower(name, b"connection") {
             RawClass::Connection
-        } else if named_in(name, &NEVER_RAW) || named_in(name, self.names) {
+        } else if named_in(name, &headers::HOP_BY_HOP) || named_in(name, self.names) {
             RawClass::Parsed
         } else {
             RawClass::Line
@@ -432,20 +434,6 @@ impl RawLines {
         }
     }
 }
-
-/// Hop-by-hop names and `Content-Length`: never raw lines. (Raw bytes, compared without
-/// case: the same set as [`headers::is_hop_by_hop`].)
-const NEVER_RAW: [&str; 9] = [
-    "connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "keep-alive",
-    "proxy-connection",
-    "content-length",
-];
 
 fn named_in(name: &[u8], names: &[&str]) -> bool {
     names.iter().any(|n| headers::eq_lower(name, n.as_bytes()))
@@ -635,11 +623,8 @@ fn names_others(raw: &[u8], spans: &[(u32, u32, u32, u32)]) -> bool {
     spans.iter().any(|&(ns, nl, vs, vl)| {
         nl == 10
             && headers::eq_lower(&raw[ns as usize..(ns + nl) as usize], b"connection")
-            && headers::connection_tokens(&raw[vs as usize..(vs + vl) as usize]).any(|t| {
-                !headers::eq_lower(t, b"keep-alive")
-                    && !headers::eq_lower(t, b"close")
-                    && headers::named_by_connection(t).is_some()
-            })
+            && headers::connection_tokens(&raw[vs as usize..(vs + vl) as usize])
+                .any(|t| headers::named_by_connection(t).is_some())
     })
 }
 
@@ -961,10 +946,7 @@ pub async fn exchange(
             if body_ended {
                 if !timing {
                     timing = true;
-                    match &mut conn.deadline {
-                        Some(d) => d.reset(header_timeout),
-                        None => conn.deadline = Some(Deadline::after(header_timeout)),
-                    }
+                    Deadline::reset_or_arm(&mut conn.deadline, header_timeout);
                 }
                 let d = conn.deadline.as_mut().expect("set when the timing began");
                 ready!(Pin::new(d).poll(cx));

@@ -99,11 +99,13 @@ pub async fn serve(
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     // a proxied response's header lines as the upstream sent them (see `encode_head`)
     let slot = RawSlot::default();
-    // the header read timeout: one deadline for the connection, reset for each head
-    let mut deadline: Option<Deadline> = None;
+    let mut timer = HeadTimer {
+        timeout: limits.header_read_timeout,
+        deadline: None,
+        waited: false,
+    };
     loop {
-        // the timeout runs from the first wait for this head until the head is whole
-        let mut waited = false;
+        timer.waited = false;
         let plain = loop {
             if !buf.is_empty() {
                 match parse_request(&mut buf, limits.max_header_bytes) {
@@ -115,8 +117,7 @@ pub async fn serve(
                     Err(Unparsed::Partial) => {}
                 }
             }
-            let timeout = (limits.header_read_timeout, &mut deadline, &mut waited);
-            match read_head_bytes(io, &mut buf, timeout, drain).await? {
+            match read_head_bytes(io, &mut buf, &mut timer, drain).await? {
                 Fill::Read => {}
                 Fill::End => return Ok(Next::Closed),
             }
@@ -138,12 +139,31 @@ enum Fill {
     End,
 }
 
-/// Reads more of a request head. The timeout (its length, the connection's deadline, and
-/// whether this head has waited before) starts when the head first has to wait.
+/// A connection's header read timeout: one deadline, reset when a head first has to wait,
+/// running until the head is whole however slowly its bytes arrive.
+struct HeadTimer {
+    timeout: Duration,
+    deadline: Option<Deadline>,
+    /// The current head has waited (its time is running).
+    waited: bool,
+}
+
+impl HeadTimer {
+    fn poll_expired(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        if !self.waited {
+            self.waited = true;
+            Deadline::reset_or_arm(&mut self.deadline, self.timeout);
+        }
+        let d = self.deadline.as_mut().expect("set when first waited");
+        Pin::new(d).poll(cx).is_ready()
+    }
+}
+
+/// Reads more of a request head, within the head's time.
 async fn read_head_bytes(
     io: &mut TcpStream,
     buf: &mut BytesMut,
-    (timeout, deadline, waited): (Duration, &mut Option<Deadline>, &mut bool),
+    timer: &mut HeadTimer,
     drain: &Drain,
 ) -> io::Result<Fill> {
     if buf.capacity() - buf.len() < 1024 {
@@ -161,15 +181,7 @@ async fn read_head_bytes(
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {}
         }
-        if !*waited {
-            *waited = true;
-            match deadline {
-                Some(d) => d.reset(timeout),
-                None => *deadline = Some(Deadline::after(timeout)),
-            }
-        }
-        let d = deadline.as_mut().expect("set when first waited");
-        if Pin::new(d).poll(cx).is_ready() {
+        if timer.poll_expired(cx) {
             return Poll::Ready(Ok(Fill::End));
         }
         Poll::Pending

@@ -7,8 +7,20 @@ use ipnet::IpNet;
 use std::net::IpAddr;
 
 /// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1), plus the legacy
-/// `Proxy-Connection` and `Keep-Alive`. (Compared as names, not strings: the standard ones are
-/// an enum compare each.)
+/// `Proxy-Connection` and `Keep-Alive`, as lower-case bytes (for heads not parsed into names).
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// `name` is one of [`HOP_BY_HOP`]. (Compared as names, not strings: the standard ones are an
+/// enum compare each.)
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -209,7 +221,7 @@ pub fn connection_tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
 pub fn named_by_connection(token: &[u8]) -> Option<HeaderName> {
     if [&b"keep-alive"[..], b"close", b"upgrade"]
         .iter()
-        .any(|k| token.eq_ignore_ascii_case(k))
+        .any(|k| eq_lower(token, k))
     {
         return None;
     }
@@ -500,6 +512,16 @@ mod tests {
             if extra > 0 {
                 assert_eq!(find(&h, &HeaderName::from_static("x-3")).unwrap(), "3");
             }
+        }
+    }
+
+    #[test]
+    fn the_hop_by_hop_names_and_the_predicate_agree() {
+        for n in HOP_BY_HOP {
+            assert!(is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
+        }
+        for n in ["content-length", "date", "x-te", "upgrades"] {
+            assert!(!is_hop_by_hop(&HeaderName::from_static(n)), "{n}");
         }
     }
 
