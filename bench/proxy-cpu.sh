@@ -6,6 +6,7 @@
 # the proxy's share of all the CPU a request costs, and the kernel's share of the proxy's.
 #
 #   NO_BUILD=1 bash bench/proxy-cpu.sh          # ROUNDS=4, SECONDS_PER_RUN=5, CONNS=64
+#   NO_BUILD=1 FLOOR=1 bash bench/proxy-cpu.sh  # also the bare hyper proxy and the raw floor
 #
 # The upstream does the same work per request behind either proxy, so the proxy's CPU divided
 # by the upstream's in the same run ("÷ upstream") compares the proxies with the machine's
@@ -27,10 +28,14 @@ cleanup() {
 trap cleanup EXIT
 
 . "$ROOT/bench/hold.sh"
-hold_start "$OUT/hold.log"
+hold_start "$OUT/hold.log" FLOOR="${FLOOR:-}"
 NGX_URL=$(grep -oP '^HOLD: nginx \K\S+' "$OUT/hold.log")
 SC_URL=$(grep -oP 'sidecar \Khttp\S+' "$OUT/hold.log")
-SC_PID=$(grep -oP '\(pid \K\d+' "$OUT/hold.log")
+SC_PID=$(grep -oP 'sidecar \S+ \(pid \K\d+' "$OUT/hold.log")
+BARE_URL=$(grep -oP ' bare \Khttp\S+' "$OUT/hold.log" || true)
+BARE_PID=$(grep -oP ' bare \S+ \(pid \K\d+' "$OUT/hold.log" || true)
+RAW_URL=$(grep -oP ' raw \Khttp\S+' "$OUT/hold.log" || true)
+RAW_PID=$(grep -oP ' raw \S+ \(pid \K\d+' "$OUT/hold.log" || true)
 NGX_PIDS=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
 UP_PIDS=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
 HZ=$(getconf CLK_TCK)
@@ -61,4 +66,8 @@ echo "µs of CPU per request (wrk -t2 -c$CONNS -d${SECS}s, GET /hello; $(nproc) 
 for _ in $(seq 1 "$ROUNDS"); do
   measure nginx "$NGX_URL" $NGX_PIDS
   measure sidecar "$SC_URL" "$SC_PID"
+  if [ -n "$BARE_PID" ]; then
+    measure bare "$BARE_URL" "$BARE_PID"
+    measure raw "$RAW_URL" "$RAW_PID"
+  fi
 done

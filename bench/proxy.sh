@@ -10,6 +10,10 @@
 #   UPSTREAM=shared bash bench/proxy.sh     # the upstream in the reverse-proxy nginx (see below)
 #   ROLE=secondary bash bench/proxy.sh      # the sidecar as a Geo secondary proxying to the upstream
 #   FLOOR=1 bash bench/proxy.sh             # also a bare hyper 1 proxy and a raw floor (below)
+#   YIELD_EVERY=1 bash bench/proxy.sh       # the sidecar's proxy.yieldEvery (default: the config's)
+#   ALT="/path/a yieldEvery=0" bash bench/proxy.sh  # more sidecars in the same rounds (alt1,
+#                                           # alt2…), each another build (a binary or a wrapper
+#                                           # script) or this build with one proxy setting changed
 #
 # The upstream is an nginx server answering a small fixed body (and serving a 1 GiB sparse
 # file for the streaming run); the reverse-proxy nginx is configured at its best (an
@@ -67,6 +71,8 @@ RAW="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/raw_h1_proxy"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP=$(free_port); NGX=$(free_port); SC=$(free_port); SCA=$(free_port); BP=$(free_port); RP=$(free_port)
+read -r -a ALTS <<<"${ALT:-}"; AP=(); APA=()
+for _ in "${ALTS[@]}"; do AP+=("$(free_port)"); APA+=("$(free_port)"); done
 
 # --- upstream + reverse proxy: one nginx, two server blocks -------------------------------
 mkdir -p "$WORK/www/upload" "$WORK/tmp" "$WORK/up/tmp"
@@ -155,7 +161,7 @@ allowInsecure: true
 stateDir: $WORK/state
 storageRoot: $WORK/data
 listen: { service: "127.0.0.1:$SC", admin: "127.0.0.1:$SCA" }
-proxy: { ioThreads: ${IO_THREADS:-0} }
+proxy: { ioThreads: ${IO_THREADS:-0}${YIELD_EVERY:+, yieldEvery: $YIELD_EVERY} }
 log: { level: warn }
 EOF
 # Each proxy runs in a session of its own, as the nginx daemons do (nginx calls setsid when it
@@ -179,8 +185,25 @@ if [ -n "${FLOOR:-}" ]; then
   PIDS+=("$!")
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$RP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
 fi
+for k in "${!ALTS[@]}"; do
+  # another build: the same configuration on its own ports and state directory
+  mkdir -p "$WORK/alt$k-state"
+  bin=${ALTS[$k]}; key=none; setting=""
+  if [[ $bin =~ ^([a-zA-Z]+)=(.+)$ ]]; then
+    bin=$SIDECAR; key=${BASH_REMATCH[1]}; setting=", $key: ${BASH_REMATCH[2]}"
+  fi
+  sed -e "s/127.0.0.1:$SC\"/127.0.0.1:${AP[$k]}\"/" -e "s/127.0.0.1:$SCA\"/127.0.0.1:${APA[$k]}\"/" \
+      -e "s#stateDir: .*#stateDir: $WORK/alt$k-state#" -e "/^proxy: /s/, $key: [^,}]*//" \
+      -e "s/^proxy: { \(.*\) }$/proxy: { \1$setting }/" \
+      "$WORK/sidecar.yaml" >"$WORK/alt$k.yaml"
+  setsid "$bin" --config "$WORK/alt$k.yaml" 2>"$WORK/alt$k.log" &
+  PIDS+=("$!")
+  for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:${AP[$k]}/hello" >/dev/null 2>&1 && break; sleep 0.05; done
+  echo "alt$((k + 1)): ${ALTS[$k]}"
+done
 if [ -n "${HOLD:-}" ]; then # for profiling: leave both proxies up until interrupted
-  echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID) work $WORK; Ctrl-C ends" >&2
+  FLOORS=""; [ -z "${FLOOR:-}" ] || FLOORS=" bare http://127.0.0.1:$BP/hello (pid ${PIDS[1]}) raw http://127.0.0.1:$RP/hello (pid ${PIDS[2]})"
+  echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID)$FLOORS work $WORK; Ctrl-C ends" >&2
   wait "$SC_PID"
 fi
 
@@ -205,8 +228,9 @@ echo "wrk -t$THREADS -c$CONNS -d$DURATION, GET /hello (24-byte body), loopback; 
 # seconds, so the per-round ratio (a proxy against nginx's run of the same round) is the
 # figure to read; the summary gives its median over the rounds with a 95 % bootstrap
 # interval, which says whether a difference is larger than the drift.
-N_R=(); N_P=(); S_R=(); S_P=(); B_R=(); B_P=(); W_R=(); W_P=()
+N_R=(); N_P=(); S_R=(); S_P=(); B_R=(); B_P=(); W_R=(); W_P=(); declare -A A_R A_P
 PROXIES="nginx sidecar"; [ -n "${FLOOR:-}" ] && PROXIES+=" bare raw"
+for k in "${!ALTS[@]}"; do PROXIES+=" alt$k"; done
 : >"$WORK/rounds.tsv"
 for i in $(seq 1 "$RUNS"); do
   for proxy in $(printf "%s\n" $PROXIES | shuf); do
@@ -215,13 +239,16 @@ for i in $(seq 1 "$RUNS"); do
       sidecar) read -r r p <<<"$(run_wrk "http://127.0.0.1:$SC/hello")"; S_R+=("$r"); S_P+=("$p") ;;
       bare) read -r r p <<<"$(run_wrk "http://127.0.0.1:$BP/hello")"; B_R+=("$r"); B_P+=("$p") ;;
       raw) read -r r p <<<"$(run_wrk "http://127.0.0.1:$RP/hello")"; W_R+=("$r"); W_P+=("$p") ;;
+      alt*) k=${proxy#alt}; read -r r p <<<"$(run_wrk "http://127.0.0.1:${AP[$k]}/hello")"; A_R[$k]=$r; A_P[$k]=$p ;;
     esac
   done
   line=$(printf "  run %d: nginx %s req/s p99 %s ms | sidecar %s req/s p99 %s ms" "$i" "${N_R[-1]}" "${N_P[-1]}" "${S_R[-1]}" "${S_P[-1]}")
   [ -z "${FLOOR:-}" ] || line+=$(printf " | bare hyper %s req/s p99 %s ms | raw %s req/s p99 %s ms" "${B_R[-1]}" "${B_P[-1]}" "${W_R[-1]}" "${W_P[-1]}")
+  for k in "${!ALTS[@]}"; do line+=$(printf " | alt%d %s req/s p99 %s ms" $((k + 1)) "${A_R[$k]}" "${A_P[$k]}"); done
   echo "$line"
   round="${N_R[-1]} ${N_P[-1]} ${S_R[-1]} ${S_P[-1]}"
   [ -z "${FLOOR:-}" ] || round+=" ${B_R[-1]} ${B_P[-1]} ${W_R[-1]} ${W_P[-1]}"
+  for k in "${!ALTS[@]}"; do round+=" ${A_R[$k]} ${A_P[$k]}"; done
   echo "$round" >>"$WORK/rounds.tsv"
 done
 median() { printf "%s\n" "$@" | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
@@ -244,7 +271,7 @@ if [ -n "${FLOOR:-}" ]; then
     'BEGIN { printf "ratio of medians raw floor/nginx: requests/s %.2fx, p99 %.2fx; sidecar/raw floor: requests/s %.2fx\n", w/n, wp/np, s/w }'
 fi
 # Per-round ratios: median, 95 % bootstrap interval of the median (fixed seed), rounds won.
-python3 - "$WORK/rounds.tsv" "${FLOOR:-}" <<'PY'
+python3 - "$WORK/rounds.tsv" "${FLOOR:-}" "${#ALTS[@]}" <<'PY'
 import random, statistics, sys
 rows = [[float(x) for x in l.split()] for l in open(sys.argv[1]) if l.strip()]
 def report(name, xs, better):
@@ -252,7 +279,7 @@ def report(name, xs, better):
     meds = sorted(statistics.median(random.choices(xs, k=len(xs))) for _ in range(4000))
     won = sum(1 for x in xs if better(x))
     print(f"  {name}: median {statistics.median(xs):.3f}x (95% interval {meds[100]:.3f}-{meds[3899]:.3f}), "
-          f"better than or equal to nginx in {won} of {len(xs)} rounds")
+          f"better than or equal to the peer in {won} of {len(xs)} rounds")
 print(f"per-round ratios over {len(rows)} rounds:")
 report("sidecar/nginx requests/s", [r[2] / r[0] for r in rows], lambda x: x >= 1)
 report("sidecar/nginx p99       ", [r[3] / r[1] for r in rows], lambda x: x <= 1)
@@ -262,6 +289,12 @@ if sys.argv[2]:
     report("raw/nginx requests/s    ", [r[6] / r[0] for r in rows], lambda x: x >= 1)
     report("raw/nginx p99           ", [r[7] / r[1] for r in rows], lambda x: x <= 1)
     report("sidecar/raw requests/s  ", [r[2] / r[6] for r in rows], lambda x: x >= 1)
+for k in range(int(sys.argv[3])):
+    a = (8 if sys.argv[2] else 4) + 2 * k
+    report(f"alt{k + 1}/nginx requests/s   ", [r[a] / r[0] for r in rows], lambda x: x >= 1)
+    report(f"alt{k + 1}/nginx p99          ", [r[a + 1] / r[1] for r in rows], lambda x: x <= 1)
+    report(f"alt{k + 1}/sidecar requests/s ", [r[a] / r[2] for r in rows], lambda x: x >= 1)
+    report(f"alt{k + 1}/sidecar p99        ", [r[a + 1] / r[3] for r in rows], lambda x: x <= 1)
 PY
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 

@@ -280,6 +280,14 @@ pub struct ProxyTuning {
     /// stays on one thread with its upstream connection pool.
     #[serde(default)]
     pub io_threads: usize,
+    /// How often an I/O thread that runs out of work offers its CPU (`sched_yield`) before it
+    /// sleeps: on every Nth time (0: never, 1: every time). Yielding lets the clients and the
+    /// upstream sharing the node's CPUs run first, which cuts the p99 on a busy node; yielding
+    /// every time also hands them their work in smaller batches, which costs requests/s. Every
+    /// fourth time kept most of both (BENCHMARKS.md, seventh round); on a node where the
+    /// sidecar has CPUs to itself the setting hardly matters.
+    #[serde(default = "d_yield_every")]
+    pub yield_every: u32,
 }
 
 fn d_connect() -> Duration {
@@ -299,6 +307,9 @@ fn d_max_header() -> usize {
 fn d_max_conns() -> usize {
     4096
 }
+fn d_yield_every() -> u32 {
+    4
+}
 fn d_drain() -> Duration {
     Duration::from_secs(25)
 }
@@ -313,6 +324,7 @@ impl Default for ProxyTuning {
             max_connections: d_max_conns(),
             shutdown_grace: d_drain(),
             io_threads: 0,
+            yield_every: d_yield_every(),
         }
     }
 }

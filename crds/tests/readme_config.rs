@@ -24,4 +24,7 @@ fn readme_config_reference_parses() {
         cfg.proxy.pool_idle_timeout,
         std::time::Duration::from_secs(20)
     );
+    // the block says "defaults shown"
+    assert_eq!(cfg.proxy, geoforge_crds::config::ProxyTuning::default());
+    assert_eq!(cfg.proxy.yield_every, 4);
 }

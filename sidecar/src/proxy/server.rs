@@ -26,13 +26,20 @@
 //! kernel hash connections to `SO_REUSEPORT` listeners, which left one thread with more
 //! connections and tripled the p99.
 //!
-//! **Yield before sleeping.** An I/O thread that runs out of work calls `sched_yield` once
-//! before it sleeps in `epoll_wait`. On a busy machine the clients and the upstream are then
-//! run first on its CPU while it stays runnable, instead of it sleeping and being woken (and
-//! often preempting the very process that woke it) once per burst of events. Measured with
-//! 64 connections on 2 CPUs (BENCHMARKS.md, fourth round): p99 0.72–0.83× nginx's instead
-//! of 1.09–1.13×, requests/s within about 1 % (inside the noise). On an idle CPU the call
-//! returns at once: one system call per sleep.
+//! **Yield before sleeping.** An I/O thread that runs out of work calls `sched_yield` before
+//! every `proxy.yieldEvery`th sleep in `epoll_wait` (default 4). On a busy machine the
+//! clients and the upstream are then run first on its CPU while it stays runnable, instead of
+//! it sleeping and being woken (and often preempting the very process that woke it) once per
+//! burst of events: that cuts the p99 (BENCHMARKS.md, fourth round: 0.72–0.83× nginx's
+//! instead of 1.09–1.13× with 64 connections on 2 CPUs). Yielding at *every* sleep also hands
+//! the clients and the upstream their work in smaller batches, so they wake and poll more
+//! often per request: with `perf stat` (`bench/proxy-sched.sh`), wrk made 0.83–0.94
+//! `epoll_wait`s per request behind a sidecar that always yields against 0.66–0.67 behind one
+//! that never does, and the upstream 0.45 against 0.39, which showed as 6 % fewer requests/s
+//! (0.94× head to head). Every fourth sleep kept most of both: 1.05× nginx's requests/s and
+//! 0.74× its p99, against 1.01× and 0.69× yielding every time and 1.07× and 0.85× never
+//! (BENCHMARKS.md, seventh round). On an idle CPU the call returns at once: one system call
+//! per yield.
 
 use crate::proxy::coarse_timer;
 use crate::proxy::drain::{Drain, Graceful};
@@ -51,7 +58,7 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -174,17 +181,51 @@ pub async fn serve(
     Ok(())
 }
 
+/// Whether an I/O thread that runs out of work yields its CPU before it sleeps: on every
+/// `proxy.yieldEvery`th time (see "Yield before sleeping" in the module docs). Each I/O
+/// thread's runtime has its own, so the count is never shared between threads.
+#[derive(Debug)]
+pub struct IdleYield {
+    every: u32,
+    parks: AtomicU32,
+}
+
+impl IdleYield {
+    pub fn new(every: u32) -> IdleYield {
+        IdleYield {
+            every,
+            parks: AtomicU32::new(0),
+        }
+    }
+
+    /// Counts one time the thread ran out of work; true when it should yield this time.
+    pub fn on_park(&self) -> bool {
+        if self.every == 0 {
+            return false;
+        }
+        let n = self.parks.load(Ordering::Relaxed) + 1;
+        let n = if n >= self.every { 0 } else { n };
+        self.parks.store(n, Ordering::Relaxed);
+        n == 0
+    }
+}
+
 /// Starts one I/O thread; it serves what it is handed until the acceptor drops its sender,
 /// then drains its connections for up to `shutdownGrace`.
 fn start_worker(i: usize, front: &'static Front, tuning: ProxyTuning) -> anyhow::Result<Worker> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Accepted>();
     let (done_tx, done) = oneshot::channel();
     let open = Arc::new(AtomicUsize::new(0));
+    let idle = IdleYield::new(tuning.yield_every);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // Out of work, the thread offers its CPU once (sched_yield) before it sleeps in
-        // epoll: see "Yield before sleeping" in the module docs.
-        .on_thread_park(std::thread::yield_now)
+        // Out of work, the thread offers its CPU (sched_yield) before every
+        // `yieldEvery`th sleep in epoll: see "Yield before sleeping" in the module docs.
+        .on_thread_park(move || {
+            if idle.on_park() {
+                std::thread::yield_now()
+            }
+        })
         .build()?;
     std::thread::Builder::new()
         .name(format!("geo-io-{i}"))
@@ -323,7 +364,19 @@ fn http_builder(tuning: &ProxyTuning) -> auto::Builder<TokioExecutor> {
 
 #[cfg(test)]
 mod tests {
-    use super::io_threads;
+    use super::{IdleYield, io_threads};
+
+    #[test]
+    fn idle_yield_comes_every_nth_park() {
+        let pattern = |every| {
+            let y = IdleYield::new(every);
+            (0..6).map(|_| y.on_park()).collect::<Vec<_>>()
+        };
+        assert_eq!(pattern(0), [false; 6]);
+        assert_eq!(pattern(1), [true; 6]);
+        assert_eq!(pattern(2), [false, true, false, true, false, true]);
+        assert_eq!(pattern(3), [false, false, true, false, false, true]);
+    }
 
     #[test]
     fn io_threads_default_to_the_cpus() {
