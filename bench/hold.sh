@@ -14,3 +14,14 @@ hold_start() {
   grep -q '^HOLD' "$log" || { cat "$log" >&2; echo "bench/proxy.sh did not come up" >&2; exit 1; }
   WORK=$(grep -oP '^HOLD: .* work \K[^;[:space:]]+' "$log")
 }
+
+# hold_scratch NAME: sets OUT to a new scratch directory, and on exit stops the held setup
+# and removes OUT.
+hold_scratch() {
+  OUT=$(mktemp -d "/tmp/geoforge-$1.XXXXXX")
+  trap 'hold_stop' EXIT
+}
+hold_stop() {
+  [ -n "${HOLD_PID:-}" ] && kill -- -"$HOLD_PID" 2>/dev/null || true
+  rm -rf "$OUT"
+}

@@ -20,14 +20,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${ROUNDS:-4}
 SECS=${SECONDS_PER_RUN:-5}
 CONNS=${CONNS:-64}
-OUT=$(mktemp -d /tmp/geoforge-cpu.XXXXXX)
-cleanup() {
-  [ -n "${HOLD_PID:-}" ] && kill -- -"$HOLD_PID" 2>/dev/null || true
-  rm -rf "$OUT"
-}
-trap cleanup EXIT
-
 . "$ROOT/bench/hold.sh"
+hold_scratch cpu
+
 hold_start "$OUT/hold.log" FLOOR="${FLOOR:-}"
 NGX_URL=$(grep -oP '^HOLD: nginx \K\S+' "$OUT/hold.log")
 SC_URL=$(grep -oP 'sidecar \Khttp\S+' "$OUT/hold.log")

@@ -16,19 +16,14 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ROUNDS=${ROUNDS:-2}
-OUT=$(mktemp -d /tmp/geoforge-sched.XXXXXX)
-cleanup() {
-  [ -n "${HOLD_PID:-}" ] && kill -- -"$HOLD_PID" 2>/dev/null || true
-  rm -rf "$OUT"
-}
-trap cleanup EXIT
+. "$ROOT/bench/hold.sh"
+hold_scratch sched
 if ! command -v perf >/dev/null 2>&1; then
   echo "installing perf (linux-perf) with apt-get" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq linux-perf >/dev/null
 fi
 
-. "$ROOT/bench/hold.sh"
 hold_start "$OUT/hold.log" FLOOR="${FLOOR:-}" YIELD_EVERY="${YIELD_EVERY:-}"
 url_of() { grep -oP " $1 \\Khttp\\S+" "$OUT/hold.log"; }
 pid_of() { grep -oP " $1 \\S+ \\(pid \\K\\d+" "$OUT/hold.log"; }
