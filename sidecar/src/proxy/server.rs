@@ -36,8 +36,8 @@
 //! often per request: with `perf stat` (`bench/proxy-sched.sh`), wrk made 0.83–0.94
 //! `epoll_wait`s per request behind a sidecar that always yields against 0.66–0.67 behind one
 //! that never does, and the upstream 0.45 against 0.39, which showed as 6 % fewer requests/s
-//! (0.94× head to head). Every fourth sleep kept most of both: 1.05× nginx's requests/s and
-//! 0.74× its p99, against 1.01× and 0.69× yielding every time and 1.07× and 0.85× never
+//! (0.94× head to head). Every fourth sleep kept most of both: 1.04× nginx's requests/s and
+//! 0.69× its p99, against 1.01× and 0.68× yielding every time and 1.06× and 0.79× never
 //! (BENCHMARKS.md, seventh round). On an idle CPU the call returns at once: one system call
 //! per yield.
 
