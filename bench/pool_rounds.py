@@ -5,8 +5,8 @@ Each file is one run's output with a first line `# columns: sidecar=LABEL alt1=L
 what ran in each column after nginx (the same label in several files is the same setting).
 Each round's requests/s and p99 are taken against nginx's run of the same round; the ratios of
 every round with a label are pooled, per sidecar role (runs with other roles are kept apart),
-and their median is given with a 95 % bootstrap interval (fixed seed, as bench/proxy.sh).
-Pairs of labels that ran in the same rounds are also compared head to head.
+and their median is given with a 95 % bootstrap interval (`interval`, which bench/proxy.sh
+uses too). Pairs of labels that ran in the same rounds are also compared head to head.
 
     python3 bench/pool_rounds.py bench/results/2026-12-08-yield/*.log
 """
@@ -19,6 +19,7 @@ ROUND = re.compile(r"([\d.]+) req/s p99 ([\d.]+) ms")
 
 
 def interval(xs):
+    """The median of `xs` and a 95 % bootstrap interval of it (also bench/proxy.sh's)."""
     random.seed(7)
     meds = sorted(statistics.median(random.choices(xs, k=len(xs))) for _ in range(4000))
     return statistics.median(xs), meds[100], meds[3899]

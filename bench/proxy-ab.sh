@@ -16,8 +16,8 @@ TMP=$(mktemp -d /tmp/geoforge-ab.XXXXXX)
 hold_start "$TMP/hold.log" NO_BUILD=1
 OPID=""
 trap 'kill -- -$HOLD_PID 2>/dev/null; [ -n "$OPID" ] && kill $OPID 2>/dev/null; rm -rf "$TMP"' EXIT
-NEWPID=$(grep -oP '^HOLD: .* sidecar \S+ \(pid \K[0-9]+' $TMP/hold.log | head -1)
-NEWURL=$(grep -oP '^HOLD: .* sidecar \K\S+' $TMP/hold.log | head -1)
+NEWPID=$(hold_pid sidecar)
+NEWURL=$(hold_url sidecar)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 P=$(free_port); PA=$(free_port); mkdir -p $TMP/state
 sed -e "s/service: \"127.0.0.1:[0-9]*\"/service: \"127.0.0.1:$P\"/" -e "s/admin: \"127.0.0.1:[0-9]*\"/admin: \"127.0.0.1:$PA\"/" \

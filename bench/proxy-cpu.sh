@@ -22,15 +22,7 @@ SECS=${SECONDS_PER_RUN:-5}
 CONNS=${CONNS:-64}
 . "$ROOT/bench/hold.sh"
 hold_scratch cpu
-
 hold_start "$OUT/hold.log" FLOOR="${FLOOR:-}"
-NGX_URL=$(grep -oP '^HOLD: nginx \K\S+' "$OUT/hold.log")
-SC_URL=$(grep -oP 'sidecar \Khttp\S+' "$OUT/hold.log")
-SC_PID=$(grep -oP 'sidecar \S+ \(pid \K\d+' "$OUT/hold.log")
-BARE_URL=$(grep -oP ' bare \Khttp\S+' "$OUT/hold.log" || true)
-BARE_PID=$(grep -oP ' bare \S+ \(pid \K\d+' "$OUT/hold.log" || true)
-RAW_URL=$(grep -oP ' raw \Khttp\S+' "$OUT/hold.log" || true)
-RAW_PID=$(grep -oP ' raw \S+ \(pid \K\d+' "$OUT/hold.log" || true)
 NGX_PIDS=$(pgrep -P "$(cat "$WORK/nginx.pid")" | tr '\n' ' ')
 UP_PIDS=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | tr '\n' ' ')
 HZ=$(getconf CLK_TCK)
@@ -59,10 +51,8 @@ measure() { # label url pids… → one line
 
 echo "µs of CPU per request (wrk -t2 -c$CONNS -d${SECS}s, GET /hello; $(nproc) CPUs)"
 for _ in $(seq 1 "$ROUNDS"); do
-  measure nginx "$NGX_URL" $NGX_PIDS
-  measure sidecar "$SC_URL" "$SC_PID"
-  if [ -n "$BARE_PID" ]; then
-    measure bare "$BARE_URL" "$BARE_PID"
-    measure raw "$RAW_URL" "$RAW_PID"
-  fi
+  measure nginx "$(hold_url nginx)" $NGX_PIDS
+  for p in sidecar bare raw; do
+    [ -z "$(hold_pid $p)" ] || measure $p "$(hold_url $p)" "$(hold_pid $p)"
+  done
 done

@@ -25,8 +25,6 @@ if ! command -v perf >/dev/null 2>&1; then
 fi
 
 hold_start "$OUT/hold.log" FLOOR="${FLOOR:-}" YIELD_EVERY="${YIELD_EVERY:-}"
-url_of() { grep -oP " $1 \\Khttp\\S+" "$OUT/hold.log"; }
-pid_of() { grep -oP " $1 \\S+ \\(pid \\K\\d+" "$OUT/hold.log"; }
 NGX_PIDS=$(pgrep -P "$(cat "$WORK/nginx.pid")" | paste -sd,)
 UP_PIDS=$(pgrep -P "$(cat "$WORK/up/nginx.pid")" | paste -sd,)
 EV=task-clock,context-switches,raw_syscalls:sys_enter,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_sched_yield
@@ -57,10 +55,8 @@ measure() { # label url pids
 }
 echo "per request (wrk -t2 -c64 -d5s, GET /hello; $(nproc) CPUs; sidecar yieldEvery ${YIELD_EVERY:-default})"
 for _ in $(seq 1 "$ROUNDS"); do
-  measure nginx "$(grep -oP '^HOLD: nginx \K\S+' "$OUT/hold.log")" "$NGX_PIDS"
-  measure sidecar "$(url_of sidecar)" "$(pid_of sidecar)"
-  if [ -n "${FLOOR:-}" ]; then
-    measure bare "$(url_of bare)" "$(pid_of bare)"
-    measure raw "$(url_of raw)" "$(pid_of raw)"
-  fi
+  measure nginx "$(hold_url nginx)" "$NGX_PIDS"
+  for p in sidecar bare raw; do
+    [ -z "$(hold_pid $p)" ] || measure $p "$(hold_url $p)" "$(hold_pid $p)"
+  done
 done

@@ -179,30 +179,31 @@ done
 curl -fs "http://127.0.0.1:$SC/hello" >/dev/null
 if [ -n "${FLOOR:-}" ]; then
   setsid "$BARE" "127.0.0.1:$BP" "127.0.0.1:$UP" "$( [ "${IO_THREADS:-0}" -gt 0 ] && echo "$IO_THREADS" || nproc )" &
-  PIDS+=("$!")
+  BP_PID=$!; PIDS+=("$BP_PID")
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$BP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
   setsid "$RAW" "127.0.0.1:$RP" "127.0.0.1:$UP" "$( [ "${IO_THREADS:-0}" -gt 0 ] && echo "$IO_THREADS" || nproc )" &
-  PIDS+=("$!")
+  RP_PID=$!; PIDS+=("$RP_PID")
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$RP/hello" >/dev/null 2>&1 && break; sleep 0.05; done
 fi
 for k in "${!ALTS[@]}"; do
   # another build: the same configuration on its own ports and state directory
   mkdir -p "$WORK/alt$k-state"
-  bin=${ALTS[$k]}; key=none; setting=""
-  if [[ $bin =~ ^([a-zA-Z]+)=(.+)$ ]]; then
-    bin=$SIDECAR; key=${BASH_REMATCH[1]}; setting=", $key: ${BASH_REMATCH[2]}"
+  bin=${ALTS[$k]}
+  edits=(-e "s/127.0.0.1:$SC\"/127.0.0.1:${AP[$k]}\"/" -e "s/127.0.0.1:$SCA\"/127.0.0.1:${APA[$k]}\"/"
+         -e "s#stateDir: .*#stateDir: $WORK/alt$k-state#")
+  if [[ $bin =~ ^([a-zA-Z]+)=(.+)$ ]]; then # this build, one proxy setting replaced or added
+    bin=$SIDECAR
+    edits+=(-e "/^proxy: /s/, ${BASH_REMATCH[1]}: [^,}]*//"
+            -e "s/^proxy: { \(.*\) }$/proxy: { \1, ${BASH_REMATCH[1]}: ${BASH_REMATCH[2]} }/")
   fi
-  sed -e "s/127.0.0.1:$SC\"/127.0.0.1:${AP[$k]}\"/" -e "s/127.0.0.1:$SCA\"/127.0.0.1:${APA[$k]}\"/" \
-      -e "s#stateDir: .*#stateDir: $WORK/alt$k-state#" -e "/^proxy: /s/, $key: [^,}]*//" \
-      -e "s/^proxy: { \(.*\) }$/proxy: { \1$setting }/" \
-      "$WORK/sidecar.yaml" >"$WORK/alt$k.yaml"
+  sed "${edits[@]}" "$WORK/sidecar.yaml" >"$WORK/alt$k.yaml"
   setsid "$bin" --config "$WORK/alt$k.yaml" 2>"$WORK/alt$k.log" &
   PIDS+=("$!")
   for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:${AP[$k]}/hello" >/dev/null 2>&1 && break; sleep 0.05; done
   echo "alt$((k + 1)): ${ALTS[$k]}"
 done
 if [ -n "${HOLD:-}" ]; then # for profiling: leave both proxies up until interrupted
-  FLOORS=""; [ -z "${FLOOR:-}" ] || FLOORS=" bare http://127.0.0.1:$BP/hello (pid ${PIDS[1]}) raw http://127.0.0.1:$RP/hello (pid ${PIDS[2]})"
+  FLOORS=""; [ -z "${FLOOR:-}" ] || FLOORS=" bare http://127.0.0.1:$BP/hello (pid $BP_PID) raw http://127.0.0.1:$RP/hello (pid $RP_PID)"
   echo "HOLD: nginx http://127.0.0.1:$NGX/hello sidecar http://127.0.0.1:$SC/hello (pid $SC_PID)$FLOORS work $WORK; Ctrl-C ends" >&2
   wait "$SC_PID"
 fi
@@ -271,14 +272,14 @@ if [ -n "${FLOOR:-}" ]; then
     'BEGIN { printf "ratio of medians raw floor/nginx: requests/s %.2fx, p99 %.2fx; sidecar/raw floor: requests/s %.2fx\n", w/n, wp/np, s/w }'
 fi
 # Per-round ratios: median, 95 % bootstrap interval of the median (fixed seed), rounds won.
-python3 - "$WORK/rounds.tsv" "${FLOOR:-}" "${#ALTS[@]}" <<'PY'
-import random, statistics, sys
+PYTHONPATH="$ROOT/bench" python3 - "$WORK/rounds.tsv" "${FLOOR:-}" "${#ALTS[@]}" <<'PY'
+import sys
+from pool_rounds import interval
 rows = [[float(x) for x in l.split()] for l in open(sys.argv[1]) if l.strip()]
 def report(name, xs, better):
-    random.seed(7)
-    meds = sorted(statistics.median(random.choices(xs, k=len(xs))) for _ in range(4000))
+    median, lo, hi = interval(xs)
     won = sum(1 for x in xs if better(x))
-    print(f"  {name}: median {statistics.median(xs):.3f}x (95% interval {meds[100]:.3f}-{meds[3899]:.3f}), "
+    print(f"  {name}: median {median:.3f}x (95% interval {lo:.3f}-{hi:.3f}), "
           f"better than or equal to the peer in {won} of {len(xs)} rounds")
 print(f"per-round ratios over {len(rows)} rounds:")
 report("sidecar/nginx requests/s", [r[2] / r[0] for r in rows], lambda x: x >= 1)
